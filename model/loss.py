@@ -1,0 +1,160 @@
+"""Focal loss for classification and a box loss, matched and computed for the whole batch at once."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import generalized_box_iou_loss
+
+from model.boxes import IGNORE, BoxCoder, batched_box_iou, match
+from model.config import RetinaNetConfig
+from model.retinanet import Outputs
+
+
+def focal_loss_terms(logits: torch.Tensor, alpha: float, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-element focal loss ``FL(p_t) = -alpha_t (1 - p_t)^gamma log(p_t)`` for target 0 and for target 1.
+
+    ``logits`` any shape; returns ``(loss_if_negative, loss_if_positive)`` of that shape. Uses
+    ``-log(1 - p) = softplus(x)`` and ``-log(p) = softplus(-x)``, exact and stable for large ``|x|``.
+    """
+    p = torch.sigmoid(logits)
+    neg = F.softplus(logits)
+    pos = F.softplus(-logits)
+    if gamma == 2.0:
+        neg = neg * (p * p)
+        pos = pos * ((1 - p) * (1 - p))
+    elif gamma != 0.0:
+        neg = neg * p.pow(gamma)
+        pos = pos * (1 - p).pow(gamma)
+    return (1 - alpha) * neg, alpha * pos
+
+
+def _negative_focal_sum(logits: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
+    """``sum_k FL(x_k | target 0)`` over the last dim: ``[N, A, K] -> [N, A]``; the hot path, kept lean."""
+    p = torch.sigmoid(logits)
+    term = F.softplus(logits)
+    if gamma == 2.0:
+        term = term * p * p
+    elif gamma != 0.0:
+        term = term * p.pow(gamma)
+    return term.sum(dim=-1) * (1 - alpha)
+
+
+class RetinaNetLoss(torch.nn.Module):
+    """``loss_fn(outputs, targets)``: matches anchors to boxes, then focal + box loss.
+
+    ``targets``: one dict per image, ``boxes [M_i, 4]`` float xyxy pixels of the padded input and
+    ``labels [M_i]`` int64 in ``[0, K)``; ``M_i = 0`` is valid (only negatives).
+    Returns ``loss_cls``, ``loss_box``, ``loss`` (their sum) as scalars and ``num_foreground`` (int64 scalar,
+    over the batch). Normalisation ``batch``: sums over the batch divided by ``max(1, num_foreground)``;
+    ``per_image``: each image by its own count, then the mean over images (torchvision).
+    """
+
+    def __init__(self, cfg: RetinaNetConfig, check_inputs: bool = True) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.box_coder = BoxCoder(cfg.box_coder_weights, cfg.box_clamp)
+        self.check_inputs = check_inputs
+
+    def forward(self, outputs: Outputs, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        cls_logits, deltas, anchors = outputs["cls_logits"], outputs["bbox_deltas"], outputs["anchors"]
+        n, _, k = cls_logits.shape
+        boxes, labels, valid = pad_targets(targets, n, cls_logits.device)
+        if self.check_inputs:
+            check_targets(boxes, labels, valid, k, outputs["image_size"])
+        cfg = self.cfg
+        matches = match(
+            batched_box_iou(boxes, anchors), valid, cfg.fg_iou_thresh, cfg.bg_iou_thresh, cfg.allow_low_quality_matches
+        )  # [N, A]
+        fg = matches >= 0
+        counted = matches != IGNORE
+        idx = matches.clamp(min=0)
+        matched_labels = labels.gather(1, idx)  # [N, A]
+        matched_boxes = boxes.gather(1, idx[..., None].expand(-1, -1, 4))  # [N, A, 4]
+
+        # Every counted anchor contributes its all-negative loss; foreground anchors then swap the term of
+        # their class for the positive one. Avoids a one-hot [N, A, K] target.
+        neg_sum = _negative_focal_sum(cls_logits, cfg.focal_alpha, cfg.focal_gamma)  # [N, A]
+        x_true = cls_logits.gather(2, matched_labels[..., None]).squeeze(2)  # [N, A]
+        neg_true, pos_true = focal_loss_terms(x_true, cfg.focal_alpha, cfg.focal_gamma)
+        cls_per_anchor = torch.where(fg, neg_sum - neg_true + pos_true, neg_sum)
+        cls_per_image = torch.where(counted, cls_per_anchor, 0.0).sum(dim=1)  # [N]
+
+        box_per_anchor = self._box_loss(deltas, anchors, matched_boxes)  # [N, A]
+        box_per_image = torch.where(fg, box_per_anchor, 0.0).sum(dim=1)  # [N]
+
+        num_fg_per_image = fg.sum(dim=1)
+        num_fg = num_fg_per_image.sum()
+        if cfg.loss_normalization == "batch":
+            norm = num_fg.clamp(min=1).to(cls_per_image.dtype)
+            loss_cls, loss_box = cls_per_image.sum() / norm, box_per_image.sum() / norm
+        else:
+            norm = num_fg_per_image.clamp(min=1).to(cls_per_image.dtype)
+            loss_cls, loss_box = (cls_per_image / norm).mean(), (box_per_image / norm).mean()
+        return {"loss": loss_cls + loss_box, "loss_cls": loss_cls, "loss_box": loss_box, "num_foreground": num_fg}
+
+    def _box_loss(self, deltas: torch.Tensor, anchors: torch.Tensor, matched: torch.Tensor) -> torch.Tensor:
+        """``[N, A, 4]`` predictions and matched boxes -> ``[N, A]`` loss per anchor (garbage off foreground)."""
+        kind = self.cfg.box_loss
+        if kind == "giou":
+            return generalized_box_iou_loss(self.box_coder.decode(deltas, anchors), matched, reduction="none")
+        target = self.box_coder.encode(matched, anchors)
+        diff = (deltas - target).abs()
+        beta = self.cfg.smooth_l1_beta
+        if kind == "smooth_l1" and beta > 0:
+            diff = torch.where(diff < beta, 0.5 * diff * diff / beta, diff - 0.5 * beta)
+        return diff.sum(dim=-1)
+
+
+def pad_targets(
+    targets: list[dict[str, torch.Tensor]], batch_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ragged targets -> ``boxes [N, M, 4]`` float32, ``labels [N, M]`` int64, ``valid [N, M]`` bool, M >= 1.
+
+    Padding is a harmless unit box with label 0, masked out by ``valid``.
+    """
+    if not isinstance(targets, (list, tuple)) or len(targets) != batch_size:
+        raise ValueError(f"targets must be a list of {batch_size} dicts (one per image), got {type(targets).__name__}")
+    counts = []
+    for i, t in enumerate(targets):
+        if not isinstance(t, dict) or "boxes" not in t or "labels" not in t:
+            raise ValueError(f"targets[{i}] must be a dict with 'boxes' [M, 4] and 'labels' [M]")
+        b, lab = t["boxes"], t["labels"]
+        if b.dim() != 2 or b.shape[-1] != 4:
+            raise ValueError(f"targets[{i}]['boxes'] must have shape [M, 4], got {tuple(b.shape)}")
+        if lab.dim() != 1 or lab.shape[0] != b.shape[0]:
+            raise ValueError(f"targets[{i}]['labels'] must have shape [{b.shape[0]}], got {tuple(lab.shape)}")
+        if lab.is_floating_point():
+            raise ValueError(f"targets[{i}]['labels'] must be integers, got {lab.dtype}")
+        counts.append(b.shape[0])
+    m = max(1, max(counts, default=0))
+    boxes = torch.zeros(batch_size, m, 4, dtype=torch.float32, device=device)
+    boxes[..., 2:] = 1.0
+    labels = torch.zeros(batch_size, m, dtype=torch.int64, device=device)
+    for i, t in enumerate(targets):  # copies only; the maths below is batched
+        boxes[i, : counts[i]] = t["boxes"].to(device=device, dtype=torch.float32)
+        labels[i, : counts[i]] = t["labels"].to(device=device)
+    valid = torch.arange(m, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]
+    return boxes, labels, valid
+
+
+def check_targets(
+    boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, num_classes: int, image_size: tuple[int, int] | None
+) -> None:
+    """``ValueError`` for a degenerate box, a box outside the image, or a label outside ``[0, K)``.
+    One host sync for the whole batch; the message names the first offending image and box."""
+    bad_box = (boxes[..., 2] <= boxes[..., 0]) | (boxes[..., 3] <= boxes[..., 1]) | ~torch.isfinite(boxes).all(-1)
+    outside = (boxes[..., :2] < 0).any(-1)
+    if image_size is not None:
+        outside |= (boxes[..., 2] > image_size[1]) | (boxes[..., 3] > image_size[0])
+    bad_label = (labels < 0) | (labels >= num_classes)
+    bad = (bad_box | outside | bad_label) & valid
+    if not bool(bad.any()):
+        return
+    i, j = (int(v) for v in bad.nonzero()[0])
+    box, label = boxes[i, j].tolist(), int(labels[i, j])
+    if bad_label[i, j]:
+        raise ValueError(f"targets[{i}] box {j}: label {label} is outside [0, {num_classes})")
+    if bad_box[i, j]:
+        raise ValueError(f"targets[{i}] box {j} {box} is degenerate: need x2 > x1 and y2 > y1 (xyxy pixels)")
+    raise ValueError(f"targets[{i}] box {j} {box} lies outside the image {image_size} (xyxy pixels, H x W)")
