@@ -46,7 +46,11 @@ class AnchorGenerator(nn.Module):
         self._cache: dict[tuple, tuple[torch.Tensor, list[int]]] = {}
 
     def forward(
-        self, image_size: tuple[int, int], feature_sizes: list[tuple[int, int]], device: torch.device, dtype: torch.dtype
+        self,
+        image_size: tuple[int, int],
+        feature_sizes: list[tuple[int, int]],
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> tuple[torch.Tensor, list[int]]:
         """Returns ``(anchors [sum_l H_l W_l A, 4], num_anchors_per_level)``."""
         key = (tuple(image_size), tuple(feature_sizes), str(device), dtype)

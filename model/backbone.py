@@ -45,7 +45,7 @@ class ResNetTrunk(nn.Module):
 
 def build_backbone(name: str, norm: str, trainable_stages: int, weights_path: str | None = None) -> ResNetTrunk:
     """Builds the trunk. ``norm`` is ``frozen_bn``, ``bn`` or ``sync_bn`` (``sync_bn`` is ``bn`` here;
-    the training job converts it once the process group exists). The lowest ``5 - trainable_stages``
+    ``build_retinanet`` converts it). The lowest ``5 - trainable_stages``
     stages (stem first) get ``requires_grad=False``.
     """
     norm_layer = FrozenBatchNorm2d if norm == "frozen_bn" else nn.BatchNorm2d

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from model.anchors import AnchorGenerator
 from model.backbone import build_backbone
 from model.config import RetinaNetConfig
@@ -29,4 +31,8 @@ def build_retinanet(cfg: RetinaNetConfig) -> tuple[RetinaNet, RetinaNetLoss, Pos
         cfg.prior_prob,
         cfg.head_init_std,
     )
-    return RetinaNet(backbone, fpn, head, anchors), RetinaNetLoss(cfg), PostProcess(cfg)
+    net = RetinaNet(backbone, fpn, head, anchors)
+    if cfg.backbone_norm == "sync_bn":
+        # Only swaps module types; the statistics sync once a process group exists (DDP training).
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    return net, RetinaNetLoss(cfg), PostProcess(cfg)

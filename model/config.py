@@ -90,7 +90,9 @@ class RetinaNetConfig:
         if not 0 < self.prior_prob < 1:
             raise ValueError(f"prior_prob must be in (0, 1), got {self.prior_prob}")
         if not 0 <= self.focal_alpha <= 1 or self.focal_gamma < 0:
-            raise ValueError(f"need focal_alpha in [0, 1] and focal_gamma >= 0, got {self.focal_alpha}, {self.focal_gamma}")
+            raise ValueError(
+                f"need focal_alpha in [0, 1] and focal_gamma >= 0, got {self.focal_alpha}, {self.focal_gamma}"
+            )
         if self.smooth_l1_beta < 0:
             raise ValueError(f"smooth_l1_beta must be >= 0, got {self.smooth_l1_beta}")
         if self.head_num_convs < 0 or self.fpn_channels < 1:

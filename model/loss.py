@@ -18,14 +18,15 @@ def focal_loss_terms(logits: torch.Tensor, alpha: float, gamma: float) -> tuple[
     ``-log(1 - p) = softplus(x)`` and ``-log(p) = softplus(-x)``, exact and stable for large ``|x|``.
     """
     p = torch.sigmoid(logits)
+    q = torch.sigmoid(-logits)  # 1 - p without cancellation
     neg = F.softplus(logits)
     pos = F.softplus(-logits)
     if gamma == 2.0:
         neg = neg * (p * p)
-        pos = pos * ((1 - p) * (1 - p))
+        pos = pos * (q * q)
     elif gamma != 0.0:
         neg = neg * p.pow(gamma)
-        pos = pos * (1 - p).pow(gamma)
+        pos = pos * q.pow(gamma)
     return (1 - alpha) * neg, alpha * pos
 
 

@@ -33,7 +33,9 @@ class Outputs(TypedDict):
 class RetinaNet(nn.Module):
     """Sub-modules are injected; ``build_retinanet`` reads a config and makes them."""
 
-    def __init__(self, backbone: ResNetTrunk, fpn: nn.Module, head: nn.Module, anchor_generator: AnchorGenerator) -> None:
+    def __init__(
+        self, backbone: ResNetTrunk, fpn: nn.Module, head: nn.Module, anchor_generator: AnchorGenerator
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.fpn = fpn

@@ -53,7 +53,11 @@ def load_torchvision_state_dict(net: RetinaNet, state_dict: Mapping[str, torch.T
     own = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
     missing = sorted(set(own) - set(converted))
     unexpected = sorted(set(converted) - set(own))
-    wrong = [f"{k} {tuple(converted[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in converted and converted[k].shape != v.shape]
+    wrong = [
+        f"{k} {tuple(converted[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in converted and converted[k].shape != v.shape
+    ]
     if missing or unexpected or wrong:
         raise ValueError(
             "state dict does not fit this RetinaNetConfig (v1 weights need torchvision_config('v1'), "

@@ -1,0 +1,244 @@
+"""CPU benchmark: our RetinaNet (``model/``) against torchvision's, same weights, same inputs.
+
+Measures, each as median and IQR over repetitions (``time.perf_counter``, after warm-up):
+
+1. loss: batch 4, 20 random boxes per image, 512x512, 91 classes, from the same random head outputs
+   (ours ``loss_fn(outputs, targets)``, torchvision ``compute_loss(targets, head_outputs, anchors)``);
+   forward only, and forward + backward.
+2. postprocess: same head outputs; ours ``postprocess``, torchvision ``postprocess_detections`` (per-level split).
+3. training step: R50-FPN, 512x512, batch 2, 20 boxes per image: forward + loss + backward + SGD step.
+   torchvision runs end to end (``model(images, targets)``) with its transform made an identity
+   (min_size = max_size = image size, mean 0, std 1; checked).
+
+Both are built with FrozenBatchNorm2d, 3 trainable backbone stages, P6 from P5 (torchvision v1); ours with
+``torchvision_config("v1")`` (per-image loss normalisation, L1 box loss). Before timing, the losses are checked
+equal (relative difference < 1e-4). Targets: loss >= 5x, postprocess >= 2x, training step >= 1.1x faster
+(speed-up = torchvision median / ours median).
+
+    python bench/bench_cpu.py [--quick] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torchvision.models import resnet50
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.retinanet import RetinaNet as TVRetinaNet
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model import build_retinanet, load_torchvision_state_dict, torchvision_config  # noqa: E402
+from model.anchors import level_sizes  # noqa: E402
+
+TARGETS = {"loss forward": 5.0, "loss forward+backward": 5.0, "postprocess": 2.0, "training step": 1.1}
+Targets = list[dict[str, torch.Tensor]]
+
+
+def build_models(num_classes: int, image_size: int) -> tuple[torch.nn.Module, Callable, Callable, TVRetinaNet]:
+    """Torchvision v1 RetinaNet (frozen BN, 3 trainable stages) and ours with its weights copied in."""
+    body = resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+    tv_backbone = _resnet_fpn_extractor(body, 3, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
+    tv = TVRetinaNet(tv_backbone, num_classes, min_size=image_size, max_size=image_size, image_mean=[0.0] * 3,
+                     image_std=[1.0] * 3, detections_per_img=100)  # our cap is 100, torchvision's default 300
+    net, loss_fn, post = build_retinanet(torchvision_config("v1", num_classes=num_classes, backbone_norm="frozen_bn"))
+    load_torchvision_state_dict(net, tv.state_dict())
+    return net, loss_fn, post, tv
+
+
+def random_targets(n: int, num_boxes: int, size: int, num_classes: int, gen: torch.Generator) -> Targets:
+    """Valid xyxy pixel boxes inside a ``size`` x ``size`` image, sides 16 .. size/2, labels in [0, K)."""
+    out = []
+    for _ in range(n):
+        wh = torch.rand(num_boxes, 2, generator=gen) * (size / 2 - 16) + 16
+        xy = torch.rand(num_boxes, 2, generator=gen) * (size - wh)
+        boxes = torch.cat([xy, xy + wh], dim=1)
+        out.append({"boxes": boxes, "labels": torch.randint(0, num_classes, (num_boxes,), generator=gen)})
+    return out
+
+
+def time_pair(tv_fn: Callable[[], object], our_fn: Callable[[], object], warmup: int, reps: int) -> dict[str, float]:
+    """Alternates the two callables (so drift hits both alike); returns medians and IQRs in ms."""
+    for _ in range(warmup):
+        tv_fn(), our_fn()
+    times: dict[str, list[float]] = {"tv": [], "ours": []}
+    for _ in range(reps):
+        for key, fn in (("tv", tv_fn), ("ours", our_fn)):
+            t0 = time.perf_counter()
+            fn()
+            times[key].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for key, ts in times.items():
+        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+        out[f"{key}_median_ms"], out[f"{key}_iqr_ms"] = statistics.median(ts), q[2] - q[0]
+    out["speedup"] = out["tv_median_ms"] / out["ours_median_ms"]
+    return out
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().detach() / b.abs().detach().clamp(min=1e-12))
+
+
+def check(name: str, diff: float, checks: dict[str, float], tol: float = 1e-4, kind: str = "relative diff") -> None:
+    checks[name] = diff
+    print(f"check {name}: {kind} {diff:.2e} ({'OK' if diff < tol else 'FAIL'}, tol {tol:g})")
+    if diff >= tol:
+        raise SystemExit(f"check {name} failed: the two models do not compute the same thing")
+
+
+def head_benchmarks(args: argparse.Namespace, net, loss_fn, post, tv, checks: dict) -> dict[str, dict]:
+    """Loss (forward, forward+backward) and postprocess on shared random head outputs."""
+    gen = torch.Generator().manual_seed(0)
+    n, s, k = args.batch, args.size, args.num_classes
+    anchors, per_level = net.anchor_generator((s, s), level_sizes((s, s)), torch.device("cpu"), torch.float32)
+    dummy = [torch.empty(n, 0, h, w) for h, w in level_sizes((s, s))]  # torchvision reads only shapes
+    tv_anchors = tv.anchor_generator(ImageList(torch.empty(n, 3, s, s), [(s, s)] * n), dummy)
+    check("anchors", float((tv_anchors[0] - anchors).abs().max()), checks, tol=1e-6, kind="max abs diff")
+    a = anchors.shape[0]
+    logits = (torch.randn(n, a, k, generator=gen) * args.logit_std + args.logit_mean).requires_grad_()
+    deltas = (torch.randn(n, a, 4, generator=gen) * 0.5).requires_grad_()
+    targets = random_targets(n, args.num_boxes, s, k, gen)
+    ours_out = {"cls_logits": logits, "bbox_deltas": deltas, "anchors": anchors,
+                "num_anchors_per_level": per_level, "image_size": (s, s)}
+    tv_out = {"cls_logits": logits, "bbox_regression": deltas}
+
+    def ours_loss() -> torch.Tensor:
+        return loss_fn(ours_out, targets)["loss"]
+
+    def tv_loss() -> torch.Tensor:
+        d = tv.compute_loss(targets, tv_out, tv_anchors)
+        return d["classification"] + d["bbox_regression"]
+
+    ours_parts, tv_parts = loss_fn(ours_out, targets), tv.compute_loss(targets, tv_out, tv_anchors)
+    check("loss cls (head outputs)", rel_diff(ours_parts["loss_cls"], tv_parts["classification"]), checks)
+    check("loss box (head outputs)", rel_diff(ours_parts["loss_box"], tv_parts["bbox_regression"]), checks)
+
+    def backward(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            logits.grad = deltas.grad = None
+            fn().backward()
+        return run
+
+    sizes = [(s, s)] * n
+    tv_split = {key: list(v.detach().split(per_level, dim=1)) for key, v in tv_out.items()}
+    tv_split_anchors = [list(x.split(per_level)) for x in tv_anchors]
+    ours_det = {**ours_out, "cls_logits": logits.detach(), "bbox_deltas": deltas.detach()}
+    frac = float((torch.sigmoid(logits.detach()) > 0.05).float().mean())
+    print(f"postprocess input: logits ~ N({args.logit_mean}, {args.logit_std}^2): {frac:.1%} of scores > 0.05")
+    d_tv, d_ours = tv.postprocess_detections(tv_split, tv_split_anchors, sizes), post(ours_det, sizes)
+    print(f"detections per image: torchvision {[len(d['scores']) for d in d_tv]}, ours {[len(d['scores']) for d in d_ours]}")
+    check("top detection scores", max(rel_diff(x["scores"][:10].sum(), y["scores"][:10].sum())
+                                      for x, y in zip(d_ours, d_tv)), checks)
+
+    w, r = args.warmup, args.reps
+    with torch.no_grad():
+        res = {"loss forward": time_pair(tv_loss, ours_loss, w, r)}
+    res["loss forward+backward"] = time_pair(backward(tv_loss), backward(ours_loss), w, r)
+    res["postprocess"] = time_pair(lambda: tv.postprocess_detections(tv_split, tv_split_anchors, sizes),
+                                   lambda: post(ours_det, sizes), w, r)
+    return res
+
+
+def step_benchmark(args: argparse.Namespace, net, loss_fn, tv, checks: dict) -> dict[str, float]:
+    """Forward + loss + backward + SGD step on the full R50-FPN, both models in train mode."""
+    gen = torch.Generator().manual_seed(1)
+    n, s = args.step_batch, args.size
+    images = torch.rand(n, 3, s, s, generator=gen)
+    targets = random_targets(n, args.num_boxes, s, args.num_classes, gen)
+    net.train(), tv.train()
+    with torch.no_grad():
+        tv_images, _ = tv.transform(list(images), [dict(t) for t in targets])
+    assert tuple(tv_images.tensors.shape) == (n, 3, s, s), f"torchvision transform resized to {tv_images.tensors.shape}"
+    diff = float((tv_images.tensors - images).abs().max())
+    check("torchvision transform is identity", diff, checks, 1e-5, "max abs diff")
+    n_ours = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    n_tv = sum(p.numel() for p in tv.parameters() if p.requires_grad)
+    print(f"trainable parameters: torchvision {n_tv:,}, ours {n_ours:,}")
+    assert n_ours == n_tv, "trainable parameter counts differ"
+    with torch.no_grad():
+        tv_loss = sum(tv(list(images), targets).values())
+        ours_loss = loss_fn(net(images), targets)["loss"]
+    check("loss (full model)", rel_diff(ours_loss, tv_loss), checks)
+    opts = {m: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-3, momentum=0.9,
+                               weight_decay=1e-4) for m in (net, tv)}
+
+    def tv_step() -> None:
+        opts[tv].zero_grad(set_to_none=True)
+        sum(tv(list(images), targets).values()).backward()
+        opts[tv].step()
+
+    def ours_step() -> None:
+        opts[net].zero_grad(set_to_none=True)
+        loss_fn(net(images), targets)["loss"].backward()
+        opts[net].step()
+
+    return time_pair(tv_step, ours_step, args.step_warmup, args.step_reps)
+
+
+def print_table(results: dict[str, dict[str, float]]) -> None:
+    print("\n| measurement | torchvision ms (IQR) | ours ms (IQR) | speed-up | target |")
+    print("|---|---|---|---|---|")
+    for name, r in results.items():
+        ok = "met" if r["speedup"] >= TARGETS[name] else "MISSED"
+        print(f"| {name} | {r['tv_median_ms']:.1f} ({r['tv_iqr_ms']:.1f}) | {r['ours_median_ms']:.1f} "
+              f"({r['ours_iqr_ms']:.1f}) | {r['speedup']:.2f}x | >= {TARGETS[name]}x {ok} |")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", type=int, default=512, help="square image side, a multiple of 128")
+    p.add_argument("--batch", type=int, default=4, help="batch of the loss / postprocess measurements")
+    p.add_argument("--step-batch", type=int, default=2, help="batch of the training step")
+    p.add_argument("--num-boxes", type=int, default=20)
+    p.add_argument("--num-classes", type=int, default=91)
+    p.add_argument("--logit-mean", type=float, default=-2.5, help="random cls logits ~ N(mean, std^2)")
+    p.add_argument("--logit-std", type=float, default=1.5)
+    p.add_argument("--reps", type=int, default=30, help="repetitions of loss / postprocess")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--step-reps", type=int, default=7, help="repetitions of the training step")
+    p.add_argument("--step-warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--skip-step", action="store_true", help="skip the training-step measurement")
+    p.add_argument("--quick", action="store_true", help="smoke run: 256 px, 3 reps, 1 warm-up")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.size, args.reps, args.warmup, args.step_reps, args.step_warmup = 256, 3, 1, 2, 1
+    if args.size % 128:
+        p.error(f"--size must be a multiple of 128, got {args.size}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, torch.set_num_threads({args.threads}), CPU, float32")
+    print(f"config: {vars(args)}")
+    t0 = time.perf_counter()
+    net, loss_fn, post, tv = build_models(args.num_classes, args.size)
+    checks: dict[str, float] = {}
+    results = head_benchmarks(args, net, loss_fn, post, tv, checks)
+    if not args.skip_step:
+        print("training step: torchvision end to end, model(list_of_images, targets), identity transform")
+        results["training step"] = step_benchmark(args, net, loss_fn, tv, checks)
+    print_table(results)
+    wall = time.perf_counter() - t0
+    print(f"\ntotal wall time {wall:.0f} s")
+    if args.json is not None:
+        payload = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                   "torch": torch.__version__, "checks": checks, "results": results, "wall_s": wall}
+        args.json.write_text(json.dumps(payload, indent=2))
+
+
+if __name__ == "__main__":
+    main()
