@@ -58,7 +58,9 @@ class RetinaNetLoss(torch.nn.Module):
         self.check_inputs = check_inputs
 
     def forward(self, outputs: Outputs, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        cls_logits, deltas, anchors = outputs["cls_logits"], outputs["bbox_deltas"], outputs["anchors"]
+        # float32 maths even under bf16 autocast: the focal sum over K classes and log/exp need the range
+        cls_logits, deltas = outputs["cls_logits"].float(), outputs["bbox_deltas"].float()
+        anchors = outputs["anchors"]
         n, _, k = cls_logits.shape
         boxes, labels, valid = pad_targets(targets, n, cls_logits.device)
         if self.check_inputs:
