@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import model  # noqa: E402
-from tests.model.tv_reference import torchvision_retinanet  # noqa: E402
+import model
+from tests.model.tv_reference import torchvision_retinanet
 
 
 def synthetic_batch(n: int, h: int, w: int, device: str, seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
@@ -144,10 +144,12 @@ def main() -> None:
     ]
     if args.compile:
         compiled = torch.compile(net)
-        variants.append(("ours bf16 + channels_last + compile", ours_loss_fn(compiled, loss_fn), our_params, True, True))
+        compiled_step = ours_loss_fn(compiled, loss_fn)
+        variants.append(("ours bf16 + channels_last + compile", compiled_step, our_params, True, True))
     flops = step_flops(ours_loss_fn(net, loss_fn), images, targets, True)
-    print(f"device {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}, torch {torch.__version__}, "
-          f"batch {args.batch} x {args.height}x{args.width}, {flops / args.batch / 1e9:.0f} GFLOP per image per step")  # fmt: skip
+    device_name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    print(f"device {device_name}, torch {torch.__version__}, batch {args.batch} x {args.height}x{args.width}, ", end="")
+    print(f"{flops / args.batch / 1e9:.0f} GFLOP per image per step")
     rows = []
     for name, step, params, amp, channels_last in variants:
         fmt = torch.channels_last if channels_last else torch.contiguous_format

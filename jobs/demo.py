@@ -8,13 +8,12 @@ it skips training and runs those weights instead.
 
 from __future__ import annotations
 
-import _bootstrap  # noqa: F401  (repository root on sys.path)
-
 import argparse
 import json
 import time
 from pathlib import Path
 
+import _bootstrap
 import numpy as np
 import torch
 from PIL import Image

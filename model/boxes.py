@@ -51,13 +51,12 @@ class BoxCoder:
 
 def batched_box_iou(boxes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """IoU of ``boxes [N, M, 4]`` with ``anchors [A, 4]`` -> ``[N, M, A]``."""
-    area_b = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])  # [N, M]
-    area_a = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])  # [A]
-    lt = torch.maximum(boxes[..., None, :2], anchors[:, :2])  # [N, M, A, 2]
-    rb = torch.minimum(boxes[..., None, 2:], anchors[:, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    return inter / (area_b[..., None] + area_a - inter)
+    bx1, by1, bx2, by2 = (c[..., None] for c in boxes.unbind(-1))  # [N, M, 1] each
+    ax1, ay1, ax2, ay2 = anchors.unbind(-1)  # [A] each
+    inter = (torch.minimum(bx2, ax2) - torch.maximum(bx1, ax1)).clamp_(min=0)
+    inter.mul_((torch.minimum(by2, ay2) - torch.maximum(by1, ay1)).clamp_(min=0))
+    union = ((bx2 - bx1) * (by2 - by1)) + ((ax2 - ax1) * (ay2 - ay1)) - inter
+    return inter.div_(union)
 
 
 def match(
@@ -71,15 +70,58 @@ def match(
     (torchvision / Detectron rule), provided that IoU is above 0.
     """
     iou = iou.masked_fill(~valid[..., None], -1.0)
-    if iou.shape[1] == 0:
-        return torch.full((iou.shape[0], iou.shape[2]), BACKGROUND, dtype=torch.int64, device=iou.device)
     best_iou, best_box = iou.max(dim=1)  # [N, A]
+    matches = _thresholds(best_iou, best_box, fg_thresh, bg_thresh)
+    if allow_low_quality:
+        best_per_box = iou.max(dim=2).values  # [N, M]
+        matches = torch.where(_is_best_for_a_box(iou, best_per_box), best_box, matches)
+    return matches
+
+
+def match_anchors(
+    boxes: torch.Tensor,
+    valid: torch.Tensor,
+    anchors: torch.Tensor,
+    fg_thresh: float,
+    bg_thresh: float,
+    allow_low_quality: bool,
+) -> torch.Tensor:
+    """``match(batched_box_iou(boxes, anchors), valid, ...)`` computed in anchor chunks that stay in
+    cache on the CPU (one chunk on GPUs): ``boxes [N, M, 4]``, ``valid [N, M]``, ``anchors [A, 4]`` -> ``[N, A]``.
+    """
+    n, m = valid.shape
+    num_anchors = anchors.shape[0]
+    step = num_anchors if anchors.is_cuda else max(1024, _CPU_CHUNK_ELEMENTS // max(1, n * m))
+    best_iou = torch.empty(n, num_anchors, device=anchors.device)
+    best_box = torch.empty(n, num_anchors, dtype=torch.int64, device=anchors.device)
+    best_per_box = torch.full((n, m), -1.0, device=anchors.device)
+    chunks = []
+    for start in range(0, num_anchors, step):
+        part = slice(start, start + step)
+        iou = batched_box_iou(boxes, anchors[part]).masked_fill_(~valid[..., None], -1.0)  # [N, M, a]
+        torch.max(iou, dim=1, out=(best_iou[:, part], best_box[:, part]))
+        best_per_box = torch.maximum(best_per_box, iou.max(dim=2).values)
+        chunks.append((part, iou))
+    matches = _thresholds(best_iou, best_box, fg_thresh, bg_thresh)
+    if allow_low_quality:
+        for part, iou in chunks:
+            low = _is_best_for_a_box(iou, best_per_box)
+            matches[:, part] = torch.where(low, best_box[:, part], matches[:, part])
+    return matches
+
+
+_CPU_CHUNK_ELEMENTS = 1 << 17
+
+
+def _thresholds(best_iou: torch.Tensor, best_box: torch.Tensor, fg_thresh: float, bg_thresh: float) -> torch.Tensor:
     matches = best_box.clone()
     matches[best_iou < fg_thresh] = IGNORE
     matches[best_iou < bg_thresh] = BACKGROUND
-    if allow_low_quality:
-        best_per_box = iou.max(dim=2, keepdim=True).values  # [N, M, 1]
-        is_best = (iou == best_per_box) & valid[..., None] & (best_per_box > 0)
-        low_quality = is_best.any(dim=1)  # [N, A]
-        matches = torch.where(low_quality, best_box, matches)
     return matches
+
+
+def _is_best_for_a_box(iou: torch.Tensor, best_per_box: torch.Tensor) -> torch.Tensor:
+    """``iou [N, M, a]`` (padding rows at -1), ``best_per_box [N, M]`` -> ``[N, a]``: the anchor is the
+    best (or tied best) of some box that overlaps anything at all."""
+    best = best_per_box[..., None]
+    return ((iou == best) & (best > 0)).any(dim=1)

@@ -3,42 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torchvision.ops import generalized_box_iou_loss
 
-from model.boxes import IGNORE, BoxCoder, batched_box_iou, match
+from model.boxes import IGNORE, BoxCoder, match_anchors
 from model.config import RetinaNetConfig
+from model.focal import focal_loss_terms, negative_focal_sum
 from model.retinanet import Outputs
-
-
-def focal_loss_terms(logits: torch.Tensor, alpha: float, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-element focal loss ``FL(p_t) = -alpha_t (1 - p_t)^gamma log(p_t)`` for target 0 and for target 1.
-
-    ``logits`` any shape; returns ``(loss_if_negative, loss_if_positive)`` of that shape. Uses
-    ``-log(1 - p) = softplus(x)`` and ``-log(p) = softplus(-x)``, exact and stable for large ``|x|``.
-    """
-    p = torch.sigmoid(logits)
-    q = torch.sigmoid(-logits)  # 1 - p without cancellation
-    neg = F.softplus(logits)
-    pos = F.softplus(-logits)
-    if gamma == 2.0:
-        neg = neg * (p * p)
-        pos = pos * (q * q)
-    elif gamma != 0.0:
-        neg = neg * p.pow(gamma)
-        pos = pos * q.pow(gamma)
-    return (1 - alpha) * neg, alpha * pos
-
-
-def _negative_focal_sum(logits: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
-    """``sum_k FL(x_k | target 0)`` over the last dim: ``[N, A, K] -> [N, A]``; the hot path, kept lean."""
-    p = torch.sigmoid(logits)
-    term = F.softplus(logits)
-    if gamma == 2.0:
-        term = term * p * p
-    elif gamma != 0.0:
-        term = term * p.pow(gamma)
-    return term.sum(dim=-1) * (1 - alpha)
 
 
 class RetinaNetLoss(torch.nn.Module):
@@ -66,8 +36,8 @@ class RetinaNetLoss(torch.nn.Module):
         if self.check_inputs:
             check_targets(boxes, labels, valid, k, outputs["image_size"])
         cfg = self.cfg
-        matches = match(
-            batched_box_iou(boxes, anchors), valid, cfg.fg_iou_thresh, cfg.bg_iou_thresh, cfg.allow_low_quality_matches
+        matches = match_anchors(
+            boxes, valid, anchors, cfg.fg_iou_thresh, cfg.bg_iou_thresh, cfg.allow_low_quality_matches
         )  # [N, A]
         fg = matches >= 0
         counted = matches != IGNORE
@@ -77,7 +47,7 @@ class RetinaNetLoss(torch.nn.Module):
 
         # Every counted anchor contributes its all-negative loss; foreground anchors then swap the term of
         # their class for the positive one. Avoids a one-hot [N, A, K] target.
-        neg_sum = _negative_focal_sum(cls_logits, cfg.focal_alpha, cfg.focal_gamma)  # [N, A]
+        neg_sum = negative_focal_sum(cls_logits, cfg.focal_alpha, cfg.focal_gamma)  # [N, A]
         x_true = cls_logits.gather(2, matched_labels[..., None]).squeeze(2)  # [N, A]
         neg_true, pos_true = focal_loss_terms(x_true, cfg.focal_alpha, cfg.focal_gamma)
         cls_per_anchor = torch.where(fg, neg_sum - neg_true + pos_true, neg_sum)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torchvision.ops import batched_nms as tv_batched_nms
 from torchvision.ops import nms
 
 from model.boxes import BoxCoder
@@ -58,10 +59,16 @@ class PostProcess(torch.nn.Module):
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, thresh: float) -> torch.Tensor:
-    """NMS within each group in one call: boxes of different groups are shifted apart so they never
-    overlap. Shifted in float64, where float32 would round coordinates at large offsets."""
+    """NMS within each group; returns kept indices by descending score.
+
+    On a GPU, one kernel: groups are shifted apart so they never overlap, in float64, where float32
+    would round coordinates at large offsets. On a CPU, whose NMS is quadratic in the boxes of a call,
+    one call per group (torchvision's ``batched_nms``): far fewer pairs.
+    """
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    if not boxes.is_cuda:
+        return tv_batched_nms(boxes, scores, groups, thresh)
     boxes64 = boxes.double()
     offsets = groups.double() * (boxes64.max() + 1)
     return nms(boxes64 + offsets[:, None], scores.double(), thresh)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
+from torchvision.ops import box_iou
 
 from model.anchors import AnchorGenerator, cell_anchors
-from model.boxes import BACKGROUND, IGNORE, BoxCoder, batched_box_iou, match
+from model.boxes import BACKGROUND, IGNORE, BoxCoder, batched_box_iou, match, match_anchors
 
 PAPER_SCALES = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
 RATIOS = (0.5, 1.0, 2.0)
@@ -75,3 +76,21 @@ def test_matching_fg_ignore_bg_and_low_quality() -> None:
     # Padding boxes never match, and an image with only padding is all background.
     none = match(iou, torch.tensor([[False, False]]), 0.5, 0.4, allow_low_quality=True)
     assert (none == BACKGROUND).all()
+
+
+def test_chunked_matching_equals_the_reference() -> None:
+    """Many chunks, padding, an image without boxes, and ties: same as IoU-then-match and torchvision's IoU."""
+    g = torch.Generator().manual_seed(0)
+    anchors = AnchorGenerator((32.0, 64.0, 128.0, 256.0, 512.0), PAPER_SCALES, RATIOS, round_=True)(
+        (256, 384), [(32, 48), (16, 24), (8, 12), (4, 6), (2, 3)], torch.device("cpu"), torch.float32
+    )[0]
+    xy = torch.rand(3, 30, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + 8 + torch.rand(3, 30, 2, generator=g) * 150], dim=-1)
+    boxes[0, 5] = anchors[1000]  # an exact tie with an anchor
+    valid = torch.arange(30)[None, :] < torch.tensor([30, 7, 0])[:, None]
+    iou = batched_box_iou(boxes, anchors)
+    torch.testing.assert_close(iou[1], box_iou(boxes[1], anchors))
+    for low_quality in (True, False):
+        expected = match(iou, valid, 0.5, 0.4, low_quality)
+        assert torch.equal(match_anchors(boxes, valid, anchors, 0.5, 0.4, low_quality), expected)
+    assert (expected[2] == BACKGROUND).all() and (expected[0] >= 0).any()

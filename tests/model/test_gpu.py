@@ -24,7 +24,7 @@ def _exact_float32():
 
 
 def test_forward_loss_and_detections_match_cpu() -> None:
-    tv, (net, loss_fn, postprocess) = _pair("v1")
+    _, (net, loss_fn, postprocess) = _pair("v1")
     g = torch.Generator().manual_seed(5)
     images = torch.randn(2, 3, 256, 384, generator=g)
     targets = _targets(256, g)
