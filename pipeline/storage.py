@@ -1,0 +1,118 @@
+"""Object storage through fsspec: local folders, file://, s3:// (s3fs), gs://; retries with backoff.
+
+S3 endpoints and credentials come from the standard AWS sources (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles, instance roles).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import IO, TypeVar
+
+import fsspec
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RETRY_ATTEMPTS = 4
+RETRY_BASE_DELAY_S = 0.5
+
+
+class StorageError(OSError):
+    """Storage could not be reached or read after retries; the message names the URI and what to check."""
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``(filesystem, path inside it)`` for a URI; plain paths are local."""
+    options: dict[str, object] = {}
+    if uri.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            options["client_kwargs"] = {"endpoint_url": endpoint}
+        # Fail fast inside one attempt; our own retry loop does the backoff and names the URI.
+        options["config_kwargs"] = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2}}
+        options["skip_instance_cache"] = True
+    fs, path = fsspec.core.url_to_fs(uri, **options)
+    return fs, path
+
+
+def join(uri: str, name: str) -> str:
+    return uri.rstrip("/") + "/" + name
+
+
+def with_retries(what: str, uri: str, fn: Callable[[], T], attempts: int = RETRY_ATTEMPTS) -> T:
+    """Runs ``fn``, retrying on storage errors with exponential backoff; then raises ``StorageError``."""
+    delay = RETRY_BASE_DELAY_S
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as e:  # s3fs/aiobotocore raise many types: connection, timeout, client errors
+            if attempt == attempts:
+                raise StorageError(_explain(what, uri, e)) from e
+            log.warning("%s %s failed (%s: %s); retry %d/%d in %.1fs", what, uri, type(e).__name__, e, attempt,
+                        attempts - 1, delay)  # fmt: skip
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def open_uri(uri: str, mode: str = "rb") -> IO[bytes]:
+    """Opens a file for streaming (reads are not staged to local disk), with retries."""
+    fs, path = filesystem(uri)
+    kwargs = {"block_size": 8 << 20, "cache_type": "readahead"} if "r" in mode and uri.startswith("s3://") else {}
+    return with_retries("opening", uri, lambda: fs.open(path, mode, **kwargs))
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return with_retries("reading", uri, lambda: fs.cat_file(path))
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Writes a whole object; local files go through a temporary name so a reader never sees half."""
+    fs, path = filesystem(uri)
+    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with_retries("writing", uri, lambda: fs.pipe_file(tmp, data))
+        os.replace(tmp, path)
+        return
+    with_retries("writing", uri, lambda: fs.pipe_file(path, data))
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return with_retries("checking", uri, lambda: fs.exists(path))
+
+
+def list_matching(uri: str, pattern: str) -> list[str]:
+    """URIs of the objects under ``uri`` whose names match the glob ``pattern``, sorted."""
+    fs, path = filesystem(uri)
+    protocol = uri.split("://", 1)[0] + "://" if "://" in uri else ""
+    found = with_retries("listing", uri, lambda: fs.glob(path.rstrip("/") + "/" + pattern))
+    return sorted(protocol + p if protocol and not p.startswith(protocol) else p for p in found)
+
+
+def register_webdataset_openers() -> None:
+    """Lets ``webdataset`` open s3://, gs:// and file:// URLs through fsspec (it has no s3 opener)."""
+    gopen = importlib.import_module("webdataset.gopen")  # the package re-exports a function of that name
+
+    def opener(url: str, mode: str = "rb", bufsize: int = 8192, **_: object) -> IO[bytes]:
+        return open_uri(url, mode)
+
+    for scheme in ("s3", "gs", "gcs", "file"):
+        gopen.gopen_schemes[scheme] = opener
+
+
+def _explain(what: str, uri: str, error: Exception) -> str:
+    hint = ""
+    if uri.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS default"
+        hint = f" Check the endpoint ({endpoint}; set AWS_ENDPOINT_URL), the credentials and that the bucket exists."
+    elif isinstance(error, FileNotFoundError):
+        hint = " Check the path."
+    return f"{what} {uri} failed after {RETRY_ATTEMPTS} attempts: {type(error).__name__}: {error}.{hint}"
