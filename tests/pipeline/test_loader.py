@@ -153,7 +153,7 @@ def test_corrupt_jpeg_and_truncated_tar_are_skipped_and_counted(coco128, tmp_pat
 
 
 def test_no_dataset_and_no_shards_are_errors_before_work(tmp_path) -> None:
-    with pytest.raises(ValueError, match="no manifest.json.*jobs/convert.py"):
+    with pytest.raises(ValueError, match=r"no manifest\.json.*jobs/convert\.py"):
         open_dataset(str(tmp_path))
     write_dataset(str(tmp_path / "empty"), [], [])
     with pytest.raises(ValueError, match="lists no shards"):
