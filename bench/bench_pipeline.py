@@ -154,6 +154,18 @@ def raw_dali(passes: int, batch: int) -> float:
     return passes * len(batches) * batch / (time.perf_counter() - start)
 
 
+def storage_limit(uri: str, passes: int) -> float:
+    """Images per second that merely fetching every shard from ``uri`` allows (no decoding)."""
+    from pipeline import storage
+
+    ds = open_dataset(uri)
+    start = time.perf_counter()
+    for _ in range(passes):
+        for shard in ds.shards:
+            storage.read_bytes(shard)
+    return passes * ds.manifest["num_images"] / (time.perf_counter() - start)
+
+
 def start_s3() -> subprocess.Popen:
     import socket
 
@@ -192,6 +204,9 @@ def main() -> None:
         try:
             convert("s3://bench/coco128")
             rows["ours, S3 (moto_server)"] = ours("s3://bench/coco128", args.images, args.batch)
+            rows["S3 read limit: fetching the shards from moto_server, no decode"] = storage_limit(
+                "s3://bench/coco128", max(1, args.images // 128)
+            )
         finally:
             proc.terminate()
     rows["reference: PIL + torchvision v2 + DataLoader(2 workers)"] = reference(args.images, args.batch)

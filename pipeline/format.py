@@ -9,7 +9,7 @@ An output URI holds:
 - ``manifest.json`` (``MANIFEST``)::
 
     {"format": "retinanet-wds/1", "prefix": str,
-     "shards": [{"name": str, "num_images": int, "num_boxes": int, "num_bytes": int}],
+     "shards": [{"name": str, "num_images": int, "num_boxes": int, "num_bytes": int}],  # tar size; 0 images is valid
      "num_images": int, "num_boxes": int,
      "categories": [{"id": int, "name": str, "label": int}],   # COCO id -> contiguous label 0..K-1
      "ground_truth": "ground_truth.json",
@@ -18,7 +18,8 @@ An output URI holds:
      "num_clipped_boxes": int}
 
 - ``ground_truth.json``: COCO-format ``{"images", "annotations", "categories"}`` of exactly the images
-  and boxes in the shards (boxes as written, xywh), for pycocotools ``COCOeval``.
+  and boxes in the shards (boxes as written, xywh; ``area`` is the original COCO area, which
+  ``COCOeval`` uses for small / medium / large), for pycocotools ``COCOeval``.
 
 A record (``KEY.json``)::
 

