@@ -129,7 +129,8 @@ def raw_pil(passes: int) -> float:
     return passes * len(files) / (time.perf_counter() - start)
 
 
-def raw_dali(passes: int, batch: int) -> float:
+def raw_dali(passes: int, batch: int, stage: int = 0) -> float:
+    """DALI CPU throughput up to ``stage``: 0 decode, 1 + resize, 2 + normalise, 3 + pad."""
     from nvidia.dali import fn, pipeline_def, types
 
     files = [np.frombuffer(f.read_bytes(), np.uint8) for f in sorted((COCO / "images" / "train2017").glob("*.jpg"))]
@@ -141,11 +142,19 @@ def raw_dali(passes: int, batch: int) -> float:
         state["i"] += 1
         return out
 
-    @pipeline_def(batch_size=batch, num_threads=2, device_id=None)
-    def decode_only():
-        return fn.decoders.image(fn.external_source(source=source, batch=True), device="cpu", output_type=types.RGB)
+    @pipeline_def(batch_size=batch, num_threads=2, device_id=None, exec_dynamic=True)
+    def stages():
+        x = fn.decoders.image(fn.external_source(source=source, batch=True), device="cpu", output_type=types.RGB)
+        if stage >= 1:
+            shorter = fn.cast(fn.random.choice(list(SIZES)), dtype=types.FLOAT)
+            x = fn.resize(x, resize_shorter=shorter, max_size=1333)
+        if stage >= 2:
+            x = fn.crop_mirror_normalize(x, mean=[124.0, 116.0, 104.0], std=[58.0, 57.0, 57.0], dtype=types.FLOAT)
+        if stage >= 3:
+            x = fn.pad(x, axes=(1, 2), align=128, fill_value=0.0)
+        return x
 
-    pipe = decode_only()
+    pipe = stages()
     pipe.build()
     pipe.run()
     start = time.perf_counter()
@@ -193,7 +202,13 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=512, help="images timed per pipeline (after warm-up)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--stages", action="store_true", help="only the DALI stage breakdown (decode, resize, ...)")
     args = ap.parse_args()
+    if args.stages:
+        passes = max(1, args.images // 128)
+        for stage, name in enumerate(["decode", "+ resize 640-800", "+ normalise float32 CHW", "+ pad to 128"]):
+            print(f"| {name} | {raw_dali(passes, args.batch, stage):.0f} img/s |")
+        return
     torch.set_num_threads(1)  # the loaders use their own workers and threads
     print(f"load average at start: {os.getloadavg()} (should be well below 2)")
     rows = {}
