@@ -167,3 +167,36 @@ def test_unreachable_bucket_is_named(monkeypatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
     with pytest.raises(storage.StorageError, match="s3://nowhere/data"):
         open_dataset("s3://nowhere/data")
+
+
+def test_random_iou_crop_keeps_boxes_on_their_pixels(tmp_path) -> None:
+    """A red rectangle on grey: after crop, flip and resize, the box still frames red pixels."""
+    import io
+
+    from PIL import Image
+
+    canvas = Image.new("RGB", (400, 300), (128, 128, 128))
+    canvas.paste((255, 0, 0), (100, 80, 220, 200))
+    buf = io.BytesIO()
+    canvas.save(buf, format="JPEG", quality=95)
+    record = {"image_id": 1, "file_name": "r.jpg", "width": 400, "height": 300, "boxes": [[100.0, 80.0, 220.0, 200.0]],
+              "category_ids": [1], "labels": [0], "iscrowd": [0]}  # fmt: skip
+    uri = str(tmp_path / "crop")
+    write_dataset(uri, [tar_bytes([(buf.getvalue(), record)])], [{"id": 1, "name": "red", "label": 0}])
+    aug = AugmentConfig(train_sizes=(256,), eval_size=256, max_size=512, iou_crop=True)
+    loader = DetectionLoader(
+        open_dataset(uri), rank=0, world_size=1, train=True, cfg=LoaderConfig(batch_size=1, aug=aug)
+    )
+    sizes = set()
+    for batch, _ in zip(loader, range(40), strict=False):
+        h, w = batch.image_sizes[0].tolist()
+        sizes.add((h, w))
+        assert batch.num_boxes[0] == 1  # the crop keeps the box's centre
+        x1, y1, x2, y2 = batch.boxes[0, 0].tolist()
+        assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
+        red = batch.images[0, 0] * STD[0] + MEAN[0]  # the red channel, 0..255
+        inside = red[int(y1) + 3 : int(y2) - 3, int(x1) + 3 : int(x2) - 3]
+        assert inside.numel() and inside.min() > 200
+        if x1 > 6:  # grey just left of the box
+            assert red[int(y1) + 3 : int(y2) - 3, int(x1) - 5].max() < 160
+    assert len(sizes) > 3  # the crops differ
