@@ -1,0 +1,154 @@
+"""The per-worker training function that Ray Train runs on every rank.
+
+Ray is read once here (rank, world size, local rank, checkpoint) and handed down as plain values.
+The step itself is short; logging, evaluation and checkpoints are hooks at step boundaries.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from engine import checkpoint as ckpt
+from engine.config import TrainConfig, from_dict, to_dict
+from engine.evaluate import evaluate
+from engine.progress import ProgressLog
+from model import build_retinanet
+from pipeline.loader import DetectionLoader, open_dataset
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Entry point for ``TorchTrainer``: ``config = {"cfg": to_dict(TrainConfig), "log_dir": str}``."""
+    ctx = ray.train.get_context()
+    cfg = from_dict(config["cfg"])
+    run_worker(cfg, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), Path(config["log_dir"]))
+
+
+def run_worker(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, log_dir: Path) -> None:
+    gpu = cfg.scaling.use_gpu
+    device = torch.device("cuda", local_rank) if gpu else torch.device("cpu")
+    if gpu:
+        torch.cuda.set_device(device)
+    else:  # workers share the machine's cores
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    torch.manual_seed(cfg.seed + rank)
+    net, loss_fn, postprocess = build_retinanet(cfg.model)
+    net.to(device)
+    if cfg.optim.channels_last:
+        net.to(memory_format=torch.channels_last)
+    model = net
+    if world_size > 1:
+        model = DistributedDataParallel(net, device_ids=[local_rank] if gpu else None, gradient_as_bucket_view=True)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = _optimizer(cfg, params)
+
+    train_ds = open_dataset(cfg.data.train_uri)
+    val_ds = open_dataset(cfg.data.val_uri) if cfg.data.val_uri else None
+    loader = DetectionLoader(
+        train_ds,
+        rank=rank,
+        world_size=world_size,
+        train=True,
+        cfg=cfg.data.loader,
+        device_id=local_rank if gpu else None,
+    )
+    state = ckpt.TrainState()
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as directory:
+            state, _ = ckpt.load(Path(directory), net)
+        optimizer.load_state_dict(state.optimizer)
+        if rank < len(state.data_positions):
+            loader.load_state_dict(state.data_positions[rank])
+    log = ProgressLog(cfg, rank, world_size, log_dir, history=state.history, start_step=state.step)
+    if rank == 0 and restored is not None:
+        print(f"resumed from step {state.step}", flush=True)
+
+    global_batch = cfg.data.loader.batch_size * world_size
+    batches = iter(loader)
+    amp = cfg.optim.amp and gpu
+    for step in range(state.step, cfg.optim.max_iters):
+        start = time.perf_counter()
+        batch = next(batches).to(device)
+        waited = time.perf_counter() - start
+        lr = cfg.optim.lr_at(step, global_batch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images = batch.images.contiguous(memory_format=torch.channels_last) if cfg.optim.channels_last else batch.images
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            losses = loss_fn(model(images), batch.targets())
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        if cfg.optim.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad_norm)
+        optimizer.step()
+        done = step + 1
+        log.step(losses, lr, len(batch), waited, time.perf_counter() - start)
+        if done % cfg.log.every == 0 or done == cfg.optim.max_iters:
+            log.flush(done)
+        last = done == cfg.optim.max_iters
+        eval_due = val_ds is not None and (
+            (cfg.eval.every and done % cfg.eval.every == 0) or (last and cfg.eval.at_end)
+        )
+        if eval_due or last or done % cfg.checkpoint.every == 0:
+            metrics = dict(log.latest(), step=done)
+            if eval_due:
+                result = evaluate(
+                    net, postprocess, val_ds, rank=rank, world_size=world_size,
+                    loader_cfg=_eval_loader_cfg(cfg), device=device, max_images=cfg.eval.max_images, amp=amp,
+                    num_samples=cfg.eval.num_vis_images,
+                )  # fmt: skip
+                if result.metrics is not None:
+                    metrics.update(result.metrics)
+                    log.evaluation(done, result, val_ds)
+            state.step = done
+            _report(cfg, net, optimizer, loader, state, metrics, log, rank, world_size)
+    log.close()
+
+
+def _report(cfg, net, optimizer, loader, state, metrics, log, rank, world_size) -> None:
+    """Every rank calls ``ray.train.report`` (a barrier); rank 0 attaches the checkpoint."""
+    positions: list = [None] * world_size
+    if world_size > 1:
+        dist.all_gather_object(positions, loader.state_dict())
+    else:
+        positions = [loader.state_dict()]
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=ckpt.checkpoint_name(state.step))
+        return
+    state.optimizer = optimizer.state_dict()
+    state.data_positions = positions
+    state.history = log.history
+    if "AP" in metrics and metrics["AP"] > state.best_ap:
+        state.best_ap = metrics["AP"]
+        metrics["best"] = True
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        ckpt.save(directory, net, state, to_dict(cfg), metrics)
+        log.copy_artifacts(directory)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
+            checkpoint_dir_name=ckpt.checkpoint_name(state.step),
+        )
+    if metrics.get("best"):
+        log.save_best(net, metrics)
+
+
+def _optimizer(cfg: TrainConfig, params: list) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=o.base_lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(params, lr=o.base_lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+def _eval_loader_cfg(cfg: TrainConfig):
+    from dataclasses import replace
+
+    return replace(cfg.data.loader, batch_size=cfg.data.eval_batch_size)
