@@ -69,6 +69,7 @@ def run_worker(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, lo
     log = ProgressLog(cfg, rank, world_size, log_dir, history=state.history, start_step=state.step)
     if rank == 0 and restored is not None:
         print(f"resumed from step {state.step}", flush=True)
+        log.event(state.step, "resumed")
 
     global_batch = cfg.data.loader.batch_size * world_size
     batches = iter(loader)
@@ -99,6 +100,7 @@ def run_worker(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, lo
         if eval_due or last or done % cfg.checkpoint.every == 0:
             metrics = dict(log.latest(), step=done)
             if eval_due:
+                _sync_buffers(net, world_size)
                 result = evaluate(
                     net, postprocess, val_ds, rank=rank, world_size=world_size,
                     loader_cfg=_eval_loader_cfg(cfg), device=device, max_images=cfg.eval.max_images, amp=amp,
@@ -139,6 +141,14 @@ def _report(cfg, net, optimizer, loader, state, metrics, log, rank, world_size) 
         )
     if metrics.get("best"):
         log.save_best(net, metrics)
+
+
+def _sync_buffers(net: torch.nn.Module, world_size: int) -> None:
+    """Rank 0's BatchNorm statistics everywhere: DDP syncs buffers only at the start of a forward, so
+    after the last step each rank holds its own. Evaluation and the checkpoint must see the same."""
+    if world_size > 1:
+        for buffer in net.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def _optimizer(cfg: TrainConfig, params: list) -> torch.optim.Optimizer:

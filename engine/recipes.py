@@ -23,7 +23,7 @@ def tiny_cpu() -> TrainConfig:
     return TrainConfig(
         recipe="tiny_cpu",
         model=RetinaNetConfig(
-            num_classes=3,
+            num_classes=5,
             backbone="resnet18",
             backbone_norm="bn",
             trainable_stages=5,
@@ -67,7 +67,7 @@ def demo() -> TrainConfig:
     return TrainConfig(
         recipe="demo",
         model=RetinaNetConfig(
-            num_classes=3,
+            num_classes=5,
             backbone="resnet18",
             backbone_norm="bn",  # from scratch: frozen statistics of random weights would normalise nothing
             trainable_stages=5,
