@@ -18,6 +18,7 @@ MODEL = "model.pt"
 TRAIN = "train.pt"
 CONFIG = "config.json"
 METRICS = "metrics.json"
+CATEGORIES = "categories.json"
 
 
 def checkpoint_name(step: int) -> str:
@@ -36,8 +37,11 @@ class TrainState:
     best_ap: float = -1.0
 
 
-def save(directory: Path, model: torch.nn.Module, state: TrainState, config: dict, metrics: dict) -> None:
+def save(
+    directory: Path, model: torch.nn.Module, state: TrainState, config: dict, metrics: dict, categories: list[dict]
+) -> None:
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / CATEGORIES).write_text(json.dumps(categories, indent=1))
     torch.save(model.state_dict(), directory / MODEL)
     torch.save(vars(state), directory / TRAIN)
     (directory / CONFIG).write_text(json.dumps(config, indent=1))
@@ -54,3 +58,19 @@ def load(directory: Path, model: torch.nn.Module | None = None) -> tuple[TrainSt
     state = TrainState(**torch.load(train, map_location="cpu", weights_only=False)) if train.exists() else TrainState()
     config = json.loads((directory / CONFIG).read_text()) if (directory / CONFIG).exists() else {}
     return state, config
+
+
+def fetch(uri: str, into: Path) -> Path:
+    """A checkpoint directory as a local path: local paths as they are, others (s3://...) downloaded."""
+    if "://" not in uri or uri.startswith("file://"):
+        path = Path(uri.removeprefix("file://"))
+        if not (path / MODEL).exists():
+            raise ValueError(f"{uri} is not a checkpoint directory (no {MODEL}): pass a checkpoint_NNNNNNNN folder")
+        return path
+    from pipeline import storage
+
+    fs, inner = storage.filesystem(uri)
+    if not storage.exists(storage.join(uri, MODEL)):
+        raise ValueError(f"{uri} is not a checkpoint directory (no {MODEL}): pass a checkpoint_NNNNNNNN folder")
+    storage.with_retries("downloading", uri, lambda: fs.get(inner.rstrip("/") + "/", str(into) + "/", recursive=True))
+    return into

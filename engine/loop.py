@@ -132,7 +132,7 @@ def _report(cfg, net, optimizer, loader, state, metrics, log, rank, world_size) 
         metrics["best"] = True
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        ckpt.save(directory, net, state, to_dict(cfg), metrics)
+        ckpt.save(directory, net, state, to_dict(cfg), metrics, loader.dataset.manifest["categories"])
         log.copy_artifacts(directory)
         ray.train.report(
             metrics,

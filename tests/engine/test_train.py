@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +24,7 @@ from pipeline.shards import ShardOptions, write_shards
 from pipeline.synthetic import generate
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +112,31 @@ def test_two_workers_learn_checkpoint_to_s3_and_evaluate_like_pycocotools(data, 
     evaluator.summarize()
     assert result.metrics["AP"] == pytest.approx(evaluator.stats[0], abs=1e-9)
     assert result.metrics["AP50"] == pytest.approx(evaluator.stats[1], abs=1e-9)
+
+    # jobs/evaluate.py on the checkpoint in S3 reproduces the run's numbers; jobs/predict.py draws.
+    checkpoint_uri = f"{s3_bucket}/runs/tiny-s3/{ckpt.checkpoint_name(30)}"
+    out = tmp_path / "metrics.json"
+    job = [
+        sys.executable,
+        "jobs/evaluate.py",
+        "--checkpoint",
+        checkpoint_uri,
+        "--data",
+        data["val"],
+        "--output",
+        str(out),
+    ]
+    subprocess.run(job, check=True, cwd=ROOT, capture_output=True, timeout=300)
+    assert json.loads(out.read_text())["AP"] == pytest.approx(result.metrics["AP"], abs=1e-9)
+    images = Path(data["val"]).parent.parent / "raw" / "val" / "images"
+    predict = [sys.executable, "jobs/predict.py", "--checkpoint", checkpoint_uri, "--images", str(images),
+               "--output", str(tmp_path / "pred"), "--score-thresh", "0.05"]  # fmt: skip
+    subprocess.run(predict, check=True, cwd=ROOT, capture_output=True, timeout=300)
+    assert len(list((tmp_path / "pred").glob("*.png"))) == len(list(images.glob("*.jpg"))) == 16
+    assert "detections" in json.loads(next((tmp_path / "pred").glob("*.json")).read_text())
+    bad = subprocess.run([sys.executable, "jobs/evaluate.py", "--checkpoint", str(tmp_path), "--data", data["val"]],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "not a checkpoint directory" in bad.stderr
 
 
 def test_rerun_resumes_and_new_name_starts_fresh(data, ray_local, tmp_path) -> None:

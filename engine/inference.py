@@ -1,0 +1,64 @@
+"""A trained model from a checkpoint, for evaluation and prediction outside the training run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine import checkpoint as ckpt
+from engine.config import TrainConfig, from_dict
+from model import build_retinanet
+from pipeline.dali import MEAN, SIZE_DIVISOR, STD
+
+
+@dataclass
+class Predictor:
+    cfg: TrainConfig
+    net: torch.nn.Module
+    postprocess: torch.nn.Module
+    categories: list[dict]
+    device: torch.device
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c["name"] for c in sorted(self.categories, key=lambda c: c["label"])]
+
+    @torch.no_grad()
+    def predict(self, rgb: np.ndarray) -> dict[str, torch.Tensor]:
+        """``rgb [H, W, 3]`` uint8 -> detections in its pixels, resized as in evaluation."""
+        from PIL import Image
+
+        aug = self.cfg.data.loader.aug
+        h, w = rgb.shape[:2]
+        scale = min(aug.eval_size / min(h, w), aug.max_size / max(h, w))
+        nh, nw = round(h * scale), round(w * scale)
+        resized = np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.BILINEAR), dtype=np.float32)
+        image = (torch.from_numpy(resized) - torch.tensor(MEAN)) / torch.tensor(STD)
+        ph, pw = -(-nh // SIZE_DIVISOR) * SIZE_DIVISOR, -(-nw // SIZE_DIVISOR) * SIZE_DIVISOR
+        batch = torch.zeros(1, 3, ph, pw)
+        batch[0, :, :nh, :nw] = image.permute(2, 0, 1)
+        det = self.postprocess(self.net(batch.to(self.device)), [(nh, nw)])[0]
+        det = {k: v.cpu() for k, v in det.items()}
+        det["boxes"] = det["boxes"] * torch.tensor([w / nw, h / nh, w / nw, h / nh])
+        return det
+
+
+def load_predictor(uri: str, workdir: Path, device: str = "cpu") -> Predictor:
+    """``uri``: a checkpoint directory (local or s3://). ``ValueError`` if it is not one."""
+    directory = ckpt.fetch(uri, workdir)
+    config = json.loads((directory / ckpt.CONFIG).read_text())
+    cfg = from_dict(config)
+    net, _, postprocess = build_retinanet(cfg.model)
+    ckpt.load(directory, net)
+    categories_file = directory / ckpt.CATEGORIES
+    categories = (
+        json.loads(categories_file.read_text())
+        if categories_file.exists()
+        else [{"id": i + 1, "name": f"class {i}", "label": i} for i in range(cfg.model.num_classes)]
+    )
+    dev = torch.device(device)
+    return Predictor(cfg, net.to(dev).eval(), postprocess, categories, dev)

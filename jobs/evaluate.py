@@ -1,0 +1,60 @@
+"""COCO-evaluate any checkpoint on any converted dataset and write the metrics as JSON.
+
+python jobs/evaluate.py --checkpoint runs/demo/checkpoint_00000400 --data data/demo/val [--output m.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import _bootstrap  # noqa: F401
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="a checkpoint_NNNNNNNN directory (local or s3://)")
+    ap.add_argument("--data", required=True, help="a converted dataset (folder or URI with manifest.json)")
+    ap.add_argument("--output", type=Path, help="metrics JSON (default: print only)")
+    ap.add_argument("--max-images", type=int)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    import torch
+
+    from engine.coco_eval import format_metrics_table
+    from engine.evaluate import evaluate
+    from engine.inference import load_predictor
+    from pipeline.loader import open_dataset
+    from pipeline.storage import StorageError
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            predictor = load_predictor(args.checkpoint, Path(tmp), args.device)
+            dataset = open_dataset(args.data)
+            if dataset.num_classes != predictor.cfg.model.num_classes:
+                raise ValueError(f"{args.data} has {dataset.num_classes} classes, the checkpoint's model "
+                                 f"{predictor.cfg.model.num_classes}")  # fmt: skip
+            cfg = predictor.cfg
+            result = evaluate(
+                predictor.net, predictor.postprocess, dataset, rank=0, world_size=1,
+                loader_cfg=replace(cfg.data.loader, batch_size=cfg.data.eval_batch_size),
+                device=torch.device(args.device), max_images=args.max_images,
+            )  # fmt: skip
+    except (ValueError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{result.num_images} images\n{format_metrics_table(result.metrics)}")
+    if args.output:
+        args.output.write_text(
+            json.dumps({"checkpoint": args.checkpoint, "data": args.data, **result.metrics}, indent=1)
+        )
+        print(f"metrics written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
