@@ -24,26 +24,34 @@ ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def _stop_ours(temp_dir: Path) -> None:
-    ours = []
+def _stop_ours(temp_dir: Path, gcs_port: int) -> None:
+    """Ends the head this test started: processes naming its temp dir or its GCS port (the client
+    server), and all their descendants (Ray's agents rename themselves and name neither)."""
+    roots = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
-            if any(str(temp_dir) in part for part in proc.info["cmdline"] or []):
-                ours.append(proc)
+            parts = proc.info["cmdline"] or []
+            if any(str(temp_dir) in p or (p.startswith("--address=") and p.endswith(f":{gcs_port}")) for p in parts):
+                roots.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    for proc in ours:
-        proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(ours, timeout=15)
+    ours = {p.pid: p for root in roots for p in [root, *root.children(recursive=True)]}
+    for proc in ours.values():
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(ours.values()), timeout=15)
     for proc in alive:
         proc.kill()
 
 
 def test_ray_job_submit_runs_the_training_job(data, tmp_path) -> None:  # noqa: F811
     temp_dir = Path("/tmp") / f"rayjob-{os.getpid()}-{time.time_ns() % 10**8}"  # short: socket paths are limited
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
-    port, dashboard = free_port(), free_port()
+    # The job's "python" is the one on the head's PATH: put this environment's first.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    port, dashboard, agent, client, metrics = (free_port() for _ in range(5))
     head = [
         RAY,
         "start",
@@ -52,6 +60,9 @@ def test_ray_job_submit_runs_the_training_job(data, tmp_path) -> None:  # noqa: 
         f"--port={port}",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard}",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--ray-client-server-port={client}",
+        f"--metrics-export-port={metrics}",
         f"--temp-dir={temp_dir}",
         "--num-cpus=4",
         "--disable-usage-stats",
@@ -87,13 +98,15 @@ def test_ray_job_submit_runs_the_training_job(data, tmp_path) -> None:  # noqa: 
             "--set",
             "eval.at_end=false",
         ]
-        # The job's "python" is the one on the head's PATH: this environment's.
-        job_env = {**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
-        done = subprocess.run(submit, env=job_env, capture_output=True, text=True, timeout=600)
+        for _ in range(30):  # the head's job agent comes up a few seconds after `ray start` returns
+            done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in done.stdout + done.stderr:
+                break
+            time.sleep(2)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "succeeded" in (done.stdout + done.stderr).lower()
         assert (runs / "submitted" / checkpoint_name(10) / MODEL).exists()
         steps = [json.loads(line)["step"] for line in (runs / "submitted" / "metrics.jsonl").read_text().splitlines()]
         assert steps[-1] == 10
     finally:
-        _stop_ours(temp_dir)
+        _stop_ours(temp_dir, port)
