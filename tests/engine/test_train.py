@@ -182,3 +182,25 @@ def test_killed_worker_recovers_from_checkpoint(data, ray_local, tmp_path) -> No
     assert (tmp_path / "runs" / "killed" / ckpt.checkpoint_name(40) / ckpt.MODEL).exists()
     resumed = [h["step"] for h in _history(cfg) if h.get("event") == "resumed"]
     assert resumed and resumed[0] >= 10, _history(cfg)  # restarted from a checkpoint, not from scratch
+
+
+def test_a_few_steps_on_coco128_from_s3_complete_and_evaluate(coco128, s3_bucket, ray_local, tmp_path) -> None:
+    for split_name in ("train", "val"):
+        dataset = load_coco(coco128 / "annotations" / "instances_train2017.json")
+        uri = f"{s3_bucket}/coco128/{split_name}"
+        write_shards(dataset, coco128 / "images" / "train2017", uri, ShardOptions(shard_images=32, progress=False))
+    cfg = _cfg(
+        {"train": f"{s3_bucket}/coco128/train", "val": f"{s3_bucket}/coco128/val"},
+        str(tmp_path / "runs"),
+        "coco128",
+        "model.num_classes=80",
+        "optim.steps=[3]",
+        "optim.warmup_iters=2",
+        "optim.max_iters=4",
+        "log.every=2",
+        "eval.max_images=16",
+    )
+    result = run(cfg)
+    assert result.error is None and result.metrics["step"] == 4
+    assert 0.0 <= result.metrics["AP"] <= 1.0 and "APl" in result.metrics
+    assert (log_dir(cfg) / "predictions_00000004.png").exists()
