@@ -217,25 +217,31 @@ def __getattr__(name: str) -> Any:
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """A new config with each ``dotted.key=value`` applied in order, every touched section re-validated.
+    """A new config with each ``dotted.key=value`` applied, then validated once as a whole (so the
+    order of overrides does not matter: ``optim.max_iters=10 optim.steps=[8]`` works).
 
     Values are parsed by the field's type: ``true``/``false``/``1``/``0`` for bools, ``none``/``null`` for
     optional fields, ``[1,2]`` or ``1,2`` for tuples.
     """
+    data = to_dict(cfg)
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
             raise ValueError(f"override {item!r} is not of the form dotted.key=value (e.g. optim.base_lr=0.02)")
         try:
-            cfg = _set(cfg, key.split("."), text.strip(), "")
+            _set(type(cfg), data, key.split("."), text.strip(), "")
         except ValueError as e:
             raise ValueError(f"{item}: {e}") from e
-    return cfg
+    try:
+        return from_dict(data, type(cfg))
+    except ValueError as e:
+        raise ValueError(f"{' '.join(overrides)}: {e}") from e
 
 
-def _set(obj: Any, path: list[str], text: str, prefix: str) -> Any:
-    hints = _fields(type(obj))
+def _set(cls: type, data: dict, path: list[str], text: str, prefix: str) -> None:
+    """Sets one parsed value in the plain-dict form of a ``cls`` config."""
+    hints = _fields(cls)
     name, key = path[0], prefix + path[0]
     if name not in hints:
         raise ValueError(_unknown(key, prefix, hints))
@@ -243,10 +249,11 @@ def _set(obj: Any, path: list[str], text: str, prefix: str) -> Any:
     if len(path) > 1:
         if not dataclasses.is_dataclass(tp):
             raise ValueError(f"{key} is a value ({_type_name(tp)}), not a section: it has no key {path[1]!r}")
-        return dataclasses.replace(obj, **{name: _set(getattr(obj, name), path[1:], text, key + ".")})
+        _set(tp, data[name], path[1:], text, key + ".")
+        return
     if dataclasses.is_dataclass(tp):
         raise ValueError(f"{key} is a section: set one of its keys, {', '.join(_fields(tp))}")
-    return dataclasses.replace(obj, **{name: _parse(text, tp, key)})
+    data[name] = _plain(_parse(text, tp, key))
 
 
 def to_dict(cfg: Any) -> dict:

@@ -242,3 +242,13 @@ def test_paper_schedule() -> None:
     assert o.lr_at(250, 16) == pytest.approx(0.01 * (0.001 * 0.5 + 0.5))
     assert o.lr_at(500, 16) == pytest.approx(0.01)
     assert o.lr_at(60000, 16) == pytest.approx(0.001) and o.lr_at(80000, 16) == pytest.approx(0.0001)
+
+
+def test_overrides_are_validated_together_in_any_order() -> None:
+    """Shrinking a schedule needs max_iters and steps changed together; their order must not matter."""
+    base = get_recipe("tiny_cpu")
+    for order in (["optim.max_iters=10", "optim.steps=[8]"], ["optim.steps=[8]", "optim.max_iters=10"]):
+        cfg = apply_overrides(base, order)
+        assert cfg.optim.max_iters == 10 and cfg.optim.steps == (8,)
+    with pytest.raises(ValueError, match=r"optim.max_iters=10: optim.steps \[20\] must lie in"):
+        apply_overrides(base, ["optim.max_iters=10"])
