@@ -49,11 +49,7 @@ def preflight(cfg: TrainConfig) -> None:
                 f"the {split} data at {uri} has {ds.num_classes} classes ({', '.join(names)}...) but the model has "
                 f"num_classes={cfg.model.num_classes}: add --set model.num_classes={ds.num_classes}"
             )
-    path = cfg.checkpoint.storage_path
-    if "://" in path and not path.startswith("file://"):
-        fs, inner = storage.filesystem(path)
-        bucket = inner.split("/", 1)[0]
-        storage.with_retries("checking the checkpoint storage", path, lambda: fs.ls(bucket))
+    storage.ensure_reachable(storage_path(cfg))
 
 
 def storage_path(cfg: TrainConfig) -> str:

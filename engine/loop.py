@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import ray.train
@@ -159,6 +160,4 @@ def _optimizer(cfg: TrainConfig, params: list) -> torch.optim.Optimizer:
 
 
 def _eval_loader_cfg(cfg: TrainConfig):
-    from dataclasses import replace
-
     return replace(cfg.data.loader, batch_size=cfg.data.eval_batch_size)

@@ -20,7 +20,7 @@ from pathlib import Path
 import _bootstrap  # noqa: F401
 
 from pipeline import format as fmt
-from pipeline import shards
+from pipeline import shards, storage
 from pipeline.coco import load_coco
 from pipeline.storage import StorageError
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers, progress=not args.no_progress,
         )  # fmt: skip
         dataset = load_coco(args.annotations)
-        shards.check_output(args.output)
+        storage.ensure_reachable(args.output)
     except (ValueError, StorageError) as e:
         raise SystemExit(f"error: {e}") from None
     print(

@@ -7,6 +7,8 @@ import torch
 # Matcher labels, as in torchvision and Detectron.
 BACKGROUND = -1
 IGNORE = -2
+# IoU elements per chunk on the CPU: a chunk's temporaries stay in cache.
+_CPU_CHUNK_ELEMENTS = 1 << 17
 
 
 class BoxCoder:
@@ -108,9 +110,6 @@ def match_anchors(
             low = _is_best_for_a_box(iou, best_per_box)
             matches[:, part] = torch.where(low, best_box[:, part], matches[:, part])
     return matches
-
-
-_CPU_CHUNK_ELEMENTS = 1 << 17
 
 
 def _thresholds(best_iou: torch.Tensor, best_box: torch.Tensor, fg_thresh: float, bg_thresh: float) -> torch.Tensor:

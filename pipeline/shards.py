@@ -148,37 +148,6 @@ def build_shard(
     return data, result
 
 
-def check_output(uri: str) -> None:
-    """Fails early (``StorageError`` naming ``uri``) when the output cannot be reached.
-
-    Local folders are created; for object stores the bucket must exist (checked without writing).
-    """
-    fs, path = storage.filesystem(uri)
-    if "file" in fs.protocol:
-        storage.with_retries("creating", uri, lambda: fs.makedirs(path, exist_ok=True))
-        return
-    bucket = path.split("/", 1)[0]
-
-    def probe() -> None:
-        if not fs.exists(bucket):
-            raise FileNotFoundError(f"bucket {bucket!r} does not exist or is not visible with these credentials")
-
-    storage.with_retries("checking", uri, probe)
-
-
-def existing_size(uri: str) -> int | None:
-    """The size of the object at ``uri``, or ``None`` if there is none (one metadata request)."""
-    fs, path = storage.filesystem(uri)
-
-    def size() -> int | None:
-        try:
-            return int(fs.info(path)["size"])
-        except FileNotFoundError:
-            return None
-
-    return storage.with_retries("checking", uri, size)
-
-
 def write_shards(dataset: CocoDataset, images_dir: str | Path, output: str, options: ShardOptions) -> ConversionReport:
     """Writes the shards (a thread pool builds and uploads them), then the ground truth and the manifest."""
     images_dir = Path(images_dir)
@@ -193,7 +162,7 @@ def write_shards(dataset: CocoDataset, images_dir: str | Path, output: str, opti
     def one(index: int) -> ShardResult:
         data, result = build_shard(index, options.prefix, plan[index], images_dir, tick)
         uri = storage.join(output, result.name)
-        size = existing_size(uri)
+        size = storage.size(uri)
         if size is None:
             storage.write_bytes(uri, data)
             result.written = True

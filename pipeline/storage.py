@@ -75,13 +75,42 @@ def read_bytes(uri: str) -> bytes:
 def write_bytes(uri: str, data: bytes) -> None:
     """Writes a whole object; local files go through a temporary name so a reader never sees half."""
     fs, path = filesystem(uri)
-    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
+    if _is_local(fs):
         fs.makedirs(fs._parent(path), exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
         with_retries("writing", uri, lambda: fs.pipe_file(tmp, data))
         os.replace(tmp, path)
         return
     with_retries("writing", uri, lambda: fs.pipe_file(path, data))
+
+
+def size(uri: str) -> int | None:
+    """The size of the object at ``uri``, or ``None`` if there is none (one metadata request)."""
+    fs, path = filesystem(uri)
+
+    def info() -> int | None:
+        try:
+            return int(fs.info(path)["size"])
+        except FileNotFoundError:
+            return None
+
+    return with_retries("checking", uri, info)
+
+
+def ensure_reachable(uri: str) -> None:
+    """Fails early (``StorageError`` naming ``uri``) when ``uri`` cannot be written to later: local
+    folders are created; for object stores the bucket must exist (checked without writing)."""
+    fs, path = filesystem(uri)
+    if _is_local(fs):
+        with_retries("creating", uri, lambda: fs.makedirs(path, exist_ok=True))
+        return
+    bucket = path.split("/", 1)[0]
+
+    def probe() -> None:
+        if not fs.exists(bucket):
+            raise FileNotFoundError(f"bucket {bucket!r} does not exist or is not visible with these credentials")
+
+    with_retries("checking", uri, probe)
 
 
 def exists(uri: str) -> bool:
@@ -106,6 +135,11 @@ def register_webdataset_openers() -> None:
 
     for scheme in ("s3", "gs", "gcs", "file"):
         gopen.gopen_schemes[scheme] = opener
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols
 
 
 def _explain(what: str, uri: str, error: Exception) -> str:

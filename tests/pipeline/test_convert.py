@@ -228,7 +228,7 @@ def test_shard_bytes_limit_is_deterministic(coco128: Path) -> None:
 def test_unknown_bucket_names_the_uri(s3_endpoint: str, monkeypatch) -> None:
     monkeypatch.setattr(storage, "RETRY_BASE_DELAY_S", 0.01)
     with pytest.raises(storage.StorageError, match=r"s3://no-such-bucket-4242/shards.*does not exist"):
-        shards.check_output("s3://no-such-bucket-4242/shards")
+        storage.ensure_reachable("s3://no-such-bucket-4242/shards")
 
 
 @pytest.mark.parametrize(
