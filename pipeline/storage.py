@@ -119,11 +119,13 @@ def exists(uri: str) -> bool:
 
 
 def list_matching(uri: str, pattern: str) -> list[str]:
-    """URIs of the objects under ``uri`` whose names match the glob ``pattern``, sorted."""
+    """URIs of the objects directly under ``uri`` whose names match the glob ``pattern`` (no ``/``), sorted,
+    each spelled as ``join(uri, name)``: a relative local ``uri`` gives relative paths."""
+    if "/" in pattern:
+        raise ValueError(f"list_matching matches names directly under {uri}, got the pattern {pattern!r}")
     fs, path = filesystem(uri)
-    protocol = uri.split("://", 1)[0] + "://" if "://" in uri else ""
     found = with_retries("listing", uri, lambda: fs.glob(path.rstrip("/") + "/" + pattern))
-    return sorted(protocol + p if protocol and not p.startswith(protocol) else p for p in found)
+    return sorted(join(uri, p.rstrip("/").rsplit("/", 1)[-1]) for p in found)
 
 
 def register_webdataset_openers() -> None:

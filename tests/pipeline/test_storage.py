@@ -7,9 +7,11 @@ import pytest
 from pipeline import storage
 
 
-@pytest.mark.parametrize("where", ["local", "file", "s3"])
-def test_write_read_list(where: str, tmp_path, s3_bucket: str) -> None:
-    root = {"local": str(tmp_path / "out"), "file": f"file://{tmp_path}/out", "s3": f"{s3_bucket}/prefix"}[where]
+@pytest.mark.parametrize("where", ["local", "relative", "file", "s3"])
+def test_write_read_list(where: str, tmp_path, s3_bucket: str, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    roots = {"local": str(tmp_path / "out"), "relative": "out", "file": f"file://{tmp_path}/out"}
+    root = roots.get(where, f"{s3_bucket}/prefix")
     storage.write_bytes(storage.join(root, "a-000001.tar"), b"one")
     storage.write_bytes(storage.join(root, "a-000000.tar"), b"zero")
     storage.write_bytes(storage.join(root, "manifest.json"), b"{}")
