@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections import OrderedDict
 
 import torch
@@ -71,6 +72,11 @@ def load_backbone_weights(resnet: nn.Module, path: str) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
         raise ValueError(f"backbone weights file not found: {path}") from e
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(
+            f"cannot read backbone weights {path}: not a complete torch.save state dict ({type(e).__name__}); "
+            "download it again or point model.backbone_weights at another file"
+        ) from e
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     state = OrderedDict((k, v) for k, v in state.items() if not k.startswith("fc."))

@@ -67,3 +67,7 @@ def test_backbone_weights_from_local_file(tmp_path) -> None:
         model.build_retinanet(model.RetinaNetConfig(backbone="resnet50", backbone_weights=str(path)))
     with pytest.raises(ValueError, match="not found"):
         model.build_retinanet(model.RetinaNetConfig(backbone="resnet18", backbone_weights=str(tmp_path / "nope.pth")))
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(ValueError, match=r"not a complete torch\.save state dict"):
+        model.build_retinanet(model.RetinaNetConfig(backbone="resnet18", backbone_weights=str(truncated)))
