@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -53,8 +54,20 @@ def preflight(cfg: TrainConfig) -> None:
 
 
 def storage_path(cfg: TrainConfig) -> str:
-    path = cfg.checkpoint.storage_path
-    return path if "://" in path else str(Path(path).resolve())
+    return _absolute(cfg.checkpoint.storage_path)
+
+
+def absolute(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with local relative data and storage paths made absolute against this process's folder, so
+    that workers (whose working folder Ray and Tune choose) read and write where the user meant."""
+    data = replace(
+        cfg.data, train_uri=_absolute(cfg.data.train_uri), val_uri=cfg.data.val_uri and _absolute(cfg.data.val_uri)
+    )
+    return replace(cfg, data=data, checkpoint=replace(cfg.checkpoint, storage_path=storage_path(cfg)))
+
+
+def _absolute(uri: str) -> str:
+    return uri if "://" in uri else str(Path(uri).resolve())
 
 
 def log_dir(cfg: TrainConfig) -> Path:
@@ -65,13 +78,15 @@ def log_dir(cfg: TrainConfig) -> Path:
     return (base / cfg.checkpoint.name).resolve()
 
 
-def build_trainer(cfg: TrainConfig) -> TorchTrainer:
+def build_trainer(cfg: TrainConfig, callbacks: list | None = None) -> TorchTrainer:
+    """The run's ``TorchTrainer``; ``callbacks`` are Train ``UserCallback``s (a Tune trial passes the one
+    that forwards each report to Tune)."""
     s = cfg.scaling
     workers = (s.min_workers, s.num_workers) if s.min_workers else s.num_workers
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "log_dir": str(log_dir(cfg))},
+        train_loop_config={"cfg": to_dict(absolute(cfg)), "log_dir": str(log_dir(cfg))},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend=s.backend),
         run_config=RunConfig(
@@ -79,6 +94,7 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
             storage_path=storage_path(cfg),
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            callbacks=callbacks,
         ),
     )
 
