@@ -239,6 +239,22 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         raise ValueError(f"{' '.join(overrides)}: {e}") from e
 
 
+def format_override(key: str, value: Any) -> str:
+    """``key=value`` in the form ``apply_overrides`` parses back to ``value`` (``[1.0,2.0]``, ``none``, ``true``):
+    how sampled search values become a config, and how a best config is printed as ``--set`` arguments."""
+    return f"{key}={_format_value(value)}"
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_format_value(v) for v in value) + "]"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
 def _set(cls: type, data: dict, path: list[str], text: str, prefix: str) -> None:
     """Sets one parsed value in the plain-dict form of a ``cls`` config."""
     hints = _fields(cls)
