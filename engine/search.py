@@ -189,6 +189,7 @@ def run_search(search: SearchConfig, resume: bool = False) -> SearchOutcome:
 
     cfg = base_config(search)
     params = resolve(search.space, cfg, search.params)
+    _searcher(search)  # a missing optuna fails here, not after Ray started
     preflight(cfg)
     uri = search_uri(cfg, search)
     record = {**asdict(search), "max_concurrent": None}  # concurrency may change between runs

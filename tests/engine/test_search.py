@@ -160,6 +160,12 @@ def test_table_files_and_heat_map(tmp_path) -> None:
     assert plot([], params, "no trial reported").startswith(PNG)
 
 
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def test_tune_cli_errors_before_starting(tmp_path, data) -> None:  # noqa: F811
     base = ["--recipe", "tiny_cpu", "--set", f"data.train_uri={data['train']}", "--set",
             f"data.val_uri={data['val']}", "--set", f"checkpoint.storage_path={tmp_path}"]  # fmt: skip
@@ -172,6 +178,7 @@ def test_tune_cli_errors_before_starting(tmp_path, data) -> None:  # noqa: F811
         (["--space", "focal", "--set", "data.val_uri=none"], "set data.val_uri"),
         (["--space", "focal", "--resume"], "no search named 'tiny_cpu-focal'"),
         (["--param", "model.focal_alpha=0.5,7"], "focal_alpha"),
+        *([(["--space", "lr", "--searcher", "optuna"], "pip install optuna")] if not _has("optuna") else []),
     ]:
         done = tune(*args)
         assert done.returncode == 2 and message in done.stderr, (args, done.stderr[-2000:])
