@@ -79,9 +79,9 @@ class ProgressLog:
         )
         self._record({"step": step, **self._latest})
 
-    def event(self, step: int, name: str) -> None:
-        """Rank 0: a line such as ``{"step": 10, "event": "resumed"}`` in metrics.jsonl."""
-        self._record({"step": step, "event": name})
+    def event(self, step: int, name: str, **fields) -> None:
+        """Rank 0: a line such as ``{"step": 10, "event": "resumed"}`` (plus ``fields``) in metrics.jsonl."""
+        self._record({"step": step, "event": name, **fields})
 
     def latest(self) -> dict:
         return dict(self._latest)
