@@ -165,6 +165,7 @@ def _report(cfg, net, optimizer, loader, state, metrics, log, rank, world_size) 
         )
     if metrics.get("best"):
         log.save_best(net, metrics)
+    log.publish()
 
 
 def _sync_buffers(net: torch.nn.Module, world_size: int) -> None:

@@ -56,8 +56,12 @@ def _events(cfg, name: str) -> list[dict]:
     return [r for r in records if r.get("event") == name]
 
 
-def test_one_worker_per_node_reads_disjoint_shards_and_checkpoints_to_s3(data, cluster, s3_bucket) -> None:  # noqa: F811
+def test_one_worker_per_node_reads_disjoint_shards_and_checkpoints_to_s3(data, cluster, s3_bucket, tmp_path) -> None:  # noqa: F811
     _, nodes = cluster
+    with pytest.raises(
+        ValueError, match=r"is a local folder, but this Ray cluster has 3 nodes: set checkpoint\.storage_path=s3://"
+    ):
+        run(_cfg(data, str(tmp_path / "runs"), "local-on-a-cluster"))
     cfg = _cfg(data, f"{s3_bucket}/runs", f"multinode-{time.time_ns()}", "optim.max_iters=10", "optim.steps=[8]",
                "checkpoint.every=5")  # fmt: skip
     try:
@@ -74,6 +78,10 @@ def test_one_worker_per_node_reads_disjoint_shards_and_checkpoints_to_s3(data, c
         saved = storage.list_matching(run_uri, "checkpoint_0*")
         assert [s.rsplit("/", 1)[-1] for s in saved] == [ckpt.checkpoint_name(5), ckpt.checkpoint_name(10)]
         assert storage.exists(f"{saved[-1]}/{ckpt.MODEL}")
+        # rank 0 ran on a worker node: its progress files are published beside the checkpoints
+        published = storage.read_bytes(f"{run_uri}/logs/metrics.jsonl").decode().splitlines()
+        assert json.loads(published[-1])["step"] == 10
+        assert storage.list_matching(f"{run_uri}/logs/tensorboard", "events.out.tfevents.*")
     finally:
         _remove_local_logs(cfg)
 
