@@ -36,6 +36,9 @@ class ProgressLog:
         self._published: dict[Path, tuple[int, int]] = {}
         if rank == 0:
             log_dir.mkdir(parents=True, exist_ok=True)
+            jsonl = log_dir / "metrics.jsonl"
+            if self.history and not jsonl.exists():  # resumed on another node: the whole run in one file
+                jsonl.write_text("".join(json.dumps(entry) + "\n" for entry in self.history))
             if cfg.log.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
