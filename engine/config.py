@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -237,6 +238,16 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         return from_dict(data, type(cfg))
     except ValueError as e:
         raise ValueError(f"{' '.join(overrides)}: {e}") from e
+
+
+STORAGE_ENV = "RETINANET_STORAGE"
+
+
+def storage_default(overrides: list[str]) -> list[str]:
+    """``overrides`` after ``checkpoint.storage_path=$RETINANET_STORAGE`` when that variable is set (the cluster
+    YAMLs set it on every node to the cluster's bucket), so a job stores there unless told otherwise."""
+    where = os.environ.get(STORAGE_ENV, "").strip()
+    return [f"checkpoint.storage_path={where}", *overrides] if where else list(overrides)
 
 
 def format_override(key: str, value: Any) -> str:

@@ -103,4 +103,16 @@ def run(cfg: TrainConfig) -> Result:
     """Checks, starts or joins Ray, trains (resuming if the run name has checkpoints), returns the result."""
     preflight(cfg)
     init_ray()
+    check_shared_storage(cfg)
     return build_trainer(cfg).fit()
+
+
+def check_shared_storage(cfg: TrainConfig) -> None:
+    """A local folder as storage on a cluster of several nodes: a worker group restarted on other nodes
+    could not read its checkpoints back. ``ValueError`` before anything trains."""
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes > 1 and "://" not in cfg.checkpoint.storage_path:
+        raise ValueError(
+            f"checkpoint.storage_path={cfg.checkpoint.storage_path} is a local folder, but this Ray cluster has "
+            f"{nodes} nodes: set checkpoint.storage_path=s3://BUCKET/runs (or gs://), or RETINANET_STORAGE"
+        )

@@ -6,11 +6,13 @@ The step itself is short; logging, evaluation and checkpoints are hooks at step 
 
 from __future__ import annotations
 
+import socket
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import ray
 import ray.train
 import torch
 import torch.distributed as dist
@@ -71,6 +73,7 @@ def run_worker(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, lo
     if rank == 0 and restored is not None:
         print(f"resumed from step {state.step}", flush=True)
         log.event(state.step, "resumed")
+    _announce_workers(loader, log, rank, world_size, state.step)
 
     global_batch = cfg.data.loader.batch_size * world_size
     batches = iter(loader)
@@ -115,6 +118,26 @@ def run_worker(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, lo
     log.close()
 
 
+def _announce_workers(loader: DetectionLoader, log: ProgressLog, rank: int, world_size: int, step: int) -> None:
+    """Rank 0 prints and records (event ``workers`` in metrics.jsonl) where each rank runs and which shards
+    it reads this epoch: after a restart on fewer or other nodes, the log shows the new layout."""
+    mine = {
+        "rank": rank,
+        "node": ray.get_runtime_context().get_node_id(),
+        "host": socket.gethostname(),
+        "shards": loader.assigned_shards(),
+    }
+    ranks: list = [None] * world_size
+    if world_size > 1:
+        dist.all_gather_object(ranks, mine)
+    else:
+        ranks = [mine]
+    if rank == 0:
+        for r in ranks:
+            print(f"rank {r['rank']} on {r['host']} (node {r['node'][:8]}) reads {len(r['shards'])} shards", flush=True)
+        log.event(step, "workers", world_size=world_size, ranks=ranks)
+
+
 def _report(cfg, net, optimizer, loader, state, metrics, log, rank, world_size) -> None:
     """Every rank calls ``ray.train.report`` (a barrier); rank 0 attaches the checkpoint."""
     positions: list = [None] * world_size
@@ -142,6 +165,7 @@ def _report(cfg, net, optimizer, loader, state, metrics, log, rank, world_size) 
         )
     if metrics.get("best"):
         log.save_best(net, metrics)
+    log.publish()
 
 
 def _sync_buffers(net: torch.nn.Module, world_size: int) -> None:

@@ -33,8 +33,12 @@ class ProgressLog:
         self._latest: dict = {}
         self._writer = None
         self.predictions_png: Path | None = None
+        self._published: dict[Path, tuple[int, int]] = {}
         if rank == 0:
             log_dir.mkdir(parents=True, exist_ok=True)
+            jsonl = log_dir / "metrics.jsonl"
+            if self.history and not jsonl.exists():  # resumed on another node: the whole run in one file
+                jsonl.write_text("".join(json.dumps(entry) + "\n" for entry in self.history))
             if cfg.log.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -79,9 +83,9 @@ class ProgressLog:
         )
         self._record({"step": step, **self._latest})
 
-    def event(self, step: int, name: str) -> None:
-        """Rank 0: a line such as ``{"step": 10, "event": "resumed"}`` in metrics.jsonl."""
-        self._record({"step": step, "event": name})
+    def event(self, step: int, name: str, **fields) -> None:
+        """Rank 0: a line such as ``{"step": 10, "event": "resumed"}`` (plus ``fields``) in metrics.jsonl."""
+        self._record({"step": step, "event": name, **fields})
 
     def latest(self) -> dict:
         return dict(self._latest)
@@ -121,6 +125,20 @@ class ProgressLog:
             if path is not None and path.exists():
                 shutil.copy(path, directory / path.name)
 
+    def publish(self) -> None:
+        """Rank 0, object storage only: uploads the progress files that changed (metrics.jsonl, PNGs,
+        TensorBoard events) to ``{storage_path}/{name}/logs/``, so they can be followed from anywhere
+        while rank 0 runs on some worker node. A local storage path already holds them."""
+        remote = self.cfg.checkpoint.storage_path
+        if self.rank != 0 or "://" not in remote:
+            return
+        root = storage.join(storage.join(remote, self.cfg.checkpoint.name), "logs")
+        for path in sorted(p for p in self.log_dir.rglob("*") if p.is_file()):
+            stat = path.stat()
+            if self._published.get(path) != (stat.st_size, stat.st_mtime_ns):
+                storage.write_bytes(storage.join(root, path.relative_to(self.log_dir).as_posix()), path.read_bytes())
+                self._published[path] = (stat.st_size, stat.st_mtime_ns)
+
     def save_best(self, net: torch.nn.Module, metrics: dict) -> None:
         """The best model by AP, beside the checkpoints: ``{storage_path}/{name}/best/``."""
         root = storage.join(storage.join(_absolute(self.cfg.checkpoint.storage_path), self.cfg.checkpoint.name), "best")
@@ -132,6 +150,7 @@ class ProgressLog:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+        self.publish()
 
     def _record(self, entry: dict) -> None:
         self.history.append(entry)

@@ -5,7 +5,8 @@ Layout under ``checkpoint.storage_path``::
 
     NAME/                  Tune's experiment (restored by --resume), one trial_<id>/ per trial
     NAME/search.json       what was searched: recipe, overrides, spaces (a resume must match it)
-    NAME/runs/<trial id>/  each trial's Ray Train run: checkpoints, metrics.jsonl, TensorBoard
+    NAME/runs/<trial id>/  each trial's Ray Train run: checkpoints, metrics.jsonl and TensorBoard (under logs/
+                           for object storage)
     NAME/results.{csv,json,png}
 """
 
@@ -18,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from engine.config import TrainConfig, apply_overrides, from_dict, to_dict
-from engine.driver import absolute, build_trainer, init_ray, preflight, storage_path
+from engine.driver import absolute, build_trainer, check_shared_storage, init_ray, preflight, storage_path
 from engine.spaces import Param, as_override, resolve
 from pipeline import storage
 
@@ -90,7 +91,8 @@ def max_concurrent_trials(per_trial: dict[str, float], cluster: dict[str, float]
         if need > 0 and have < need:
             raise ValueError(
                 f"one trial needs {need:g} {name} (scaling.num_workers x per-worker) but the cluster has {have:g}: "
-                "lower scaling.num_workers or add nodes"
+                "lower scaling.num_workers or add nodes; on an autoscaling cluster whose GPU nodes start on "
+                "demand, give --max-concurrent N"
             )
         if need > 0:
             fits.append(math.floor(have / need + 1e-9))
@@ -204,6 +206,7 @@ def run_search(search: SearchConfig, resume: bool = False) -> SearchOutcome:
         if before != record:
             raise ValueError(f"--resume must repeat the search's arguments; it was started with {before}")
     init_ray()
+    check_shared_storage(cfg)
     concurrency = search.max_concurrent or max_concurrent_trials(trial_resources(cfg), ray.cluster_resources())
     if not resume:
         storage.write_bytes(saved, json.dumps(record, indent=1).encode())

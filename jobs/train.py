@@ -3,7 +3,8 @@
     python jobs/train.py --recipe demo [--set optim.max_iters=500 --set checkpoint.name=run1 ...]
 
 Without RAY_ADDRESS an embedded local Ray starts; with it (or under ``ray job submit``) the job joins
-that cluster. Rerunning with the same ``checkpoint.name`` and ``checkpoint.storage_path`` resumes.
+that cluster. Rerunning with the same ``checkpoint.name`` and ``checkpoint.storage_path`` resumes. With
+RETINANET_STORAGE set (the cluster YAMLs set it to the cluster's bucket), that is the default storage path.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 
 import _bootstrap  # noqa: F401
 
-from engine.config import RECIPES, apply_overrides, get_recipe
+from engine.config import RECIPES, apply_overrides, get_recipe, storage_default
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = apply_overrides(get_recipe(args.recipe), args.overrides)
+        cfg = apply_overrides(get_recipe(args.recipe), storage_default(args.overrides))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from engine.config import storage_default
     from engine.search import SearchConfig, run_search
     from engine.search_report import best_command, best_row, format_table, rows_from_grid, write_results
     from pipeline.storage import StorageError
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         search = SearchConfig(
             name=args.name or default_name,
             recipe=args.recipe,
-            overrides=args.overrides,
+            overrides=storage_default(args.overrides),
             space=args.space,
             params=args.params,
             samples=args.samples,

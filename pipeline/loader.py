@@ -135,6 +135,11 @@ class DetectionLoader:
             stream.load_state_dict(s)
         self._state = [s.state_dict() for s in self.streams]
 
+    def assigned_shards(self) -> list[str]:
+        """The shards this rank reads in the current epoch (over all its worker streams); disjoint across
+        ranks whenever there are at least as many shards as ranks x workers."""
+        return sorted({shard for s in self.streams for shard in s.assigned()})
+
     @property
     def stats(self) -> dict[str, int]:
         total: dict[str, int] = {}

@@ -120,6 +120,11 @@ class ShardStream:
         self.stats: Counter[str] = Counter()
         storage.register_webdataset_openers()
 
+    def assigned(self) -> list[str]:
+        """The shards this reader reads in its current epoch."""
+        epoch = (self._progress.position() if self._progress else self._start).epoch
+        return shards_for(self.shards, self.group, self.num_groups, epoch, self.seed, self.train)
+
     def state_dict(self) -> dict:
         """JSON-able position after the last sample handed out."""
         pos = self._progress.position() if self._progress else self._start

@@ -252,3 +252,23 @@ def test_overrides_are_validated_together_in_any_order() -> None:
         assert cfg.optim.max_iters == 10 and cfg.optim.steps == (8,)
     with pytest.raises(ValueError, match=r"optim.max_iters=10: optim.steps \[20\] must lie in"):
         apply_overrides(base, ["optim.max_iters=10"])
+
+
+def test_retinanet_storage_is_the_default_storage_path(monkeypatch) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from engine.config import storage_default
+
+    monkeypatch.delenv("RETINANET_STORAGE", raising=False)
+    assert storage_default(["optim.max_iters=10"]) == ["optim.max_iters=10"]
+    monkeypatch.setenv("RETINANET_STORAGE", "s3://cluster-bucket/runs")
+    cfg = apply_overrides(get_recipe("demo"), storage_default([]))
+    assert cfg.checkpoint.storage_path == "s3://cluster-bucket/runs"
+    mine = apply_overrides(get_recipe("demo"), storage_default(["checkpoint.storage_path=s3://mine/runs"]))
+    assert mine.checkpoint.storage_path == "s3://mine/runs"  # an explicit --set wins
+    root = Path(__file__).resolve().parents[2]
+    shown = subprocess.run([sys.executable, "jobs/train.py", "--recipe", "demo", "--print-config"], cwd=root,
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    assert json.loads(shown.stdout)["checkpoint"]["storage_path"] == "s3://cluster-bucket/runs"

@@ -147,9 +147,11 @@ def test_rerun_resumes_and_new_name_starts_fresh(data, ray_local, tmp_path) -> N
     assert run(again).metrics["step"] == 20
     # One log for the run name: steps 5 and 10 from the first run, then resumed at 10, never redone.
     assert [(h["step"], h.get("event")) for h in _history(again) if "loss" in h or "event" in h] == [
+        (0, "workers"),
         (5, None),
         (10, None),
         (10, "resumed"),
+        (10, "workers"),
         (15, None),
         (20, None),
     ]

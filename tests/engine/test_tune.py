@@ -103,12 +103,12 @@ def test_submitted_search_stopped_mid_way_resumes(data, weights, tmp_path) -> No
     for trial in done_before:  # trained to the end before the stop: no step trained again
         assert trials[trial]["status"] == "finished"
         # (if Tune had not yet saved its state when stopped, the run restarts at its final checkpoint)
-        events = _events(search / "runs" / trial)
-        assert all(step == trials[trial]["step"] for step, _ in events), (trial, done_before, interrupted, events)
+        resumed = _resumed_at(search / "runs" / trial)
+        assert all(step == trials[trial]["step"] for step in resumed), (trial, done_before, interrupted, resumed)
     for trial in interrupted:  # had a checkpoint when stopped: continued from it
         if trials[trial]["status"] == "finished":
-            events = _events(search / "runs" / trial)
-            assert events and all(0 < step < MAX_ITERS and e == "resumed" for step, e in events), (trial, events)
+            resumed = _resumed_at(search / "runs" / trial)
+            assert resumed and all(0 < step < MAX_ITERS for step in resumed), (trial, resumed)
 
 
 def _wait_for_a_finished_and_a_running_trial(search: Path, address: str, env: dict) -> tuple[set, set]:
@@ -130,6 +130,31 @@ def _wait_for_a_finished_and_a_running_trial(search: Path, address: str, env: di
     return set(), set()  # the timing did not allow an interruption mid-trial; the resume still has to work
 
 
-def _events(run: Path) -> list[tuple[int, str]]:
+def _resumed_at(run: Path) -> list[int]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["event"]) for r in records if "event" in r]
+    return [r["step"] for r in records if r.get("event") == "resumed"]
+
+
+def test_optuna_searcher_samples_a_range(data, tmp_path) -> None:  # noqa: F811
+    """Optuna (Ray's integration) proposes learning rates from the ``lr`` space's log-uniform range."""
+    pytest.importorskip("optuna")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    sets = [f"data.train_uri={data['train']}", f"data.val_uri={data['val']}", f"checkpoint.storage_path={tmp_path}",
+            "scaling.num_workers=1", "optim.max_iters=10", "optim.steps=[8]", "optim.warmup_iters=2", "eval.every=5",
+            "eval.max_images=8", "checkpoint.every=5"]  # fmt: skip
+    search = ["--space", "lr", "--searcher", "optuna", "--samples", "2", "--max-concurrent", "2", "--name", "lr"]
+    command = [
+        sys.executable,
+        "jobs/tune.py",
+        "--recipe",
+        "tiny_cpu",
+        *search,
+        *(a for s in sets for a in ("--set", s)),
+    ]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    trials = json.loads((tmp_path / "lr" / "results.json").read_text())["trials"]
+    assert len(trials) == 2 and all(t["AP"] is not None for t in trials)
+    lrs = [t["base_lr"] for t in trials]
+    assert len(set(lrs)) == 2 and all(1e-4 <= lr <= 3e-3 for lr in lrs)  # tiny_cpu's 1e-3: /10 .. x3
