@@ -54,20 +54,15 @@ def preflight(cfg: TrainConfig) -> None:
 
 
 def storage_path(cfg: TrainConfig) -> str:
-    return _absolute(cfg.checkpoint.storage_path)
+    return storage.absolute(cfg.checkpoint.storage_path)
 
 
 def absolute(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with local relative data and storage paths made absolute against this process's folder, so
     that workers (whose working folder Ray and Tune choose) read and write where the user meant."""
-    data = replace(
-        cfg.data, train_uri=_absolute(cfg.data.train_uri), val_uri=cfg.data.val_uri and _absolute(cfg.data.val_uri)
-    )
+    val = cfg.data.val_uri and storage.absolute(cfg.data.val_uri)
+    data = replace(cfg.data, train_uri=storage.absolute(cfg.data.train_uri), val_uri=val)
     return replace(cfg, data=data, checkpoint=replace(cfg.checkpoint, storage_path=storage_path(cfg)))
-
-
-def _absolute(uri: str) -> str:
-    return uri if "://" in uri else str(Path(uri).resolve())
 
 
 def log_dir(cfg: TrainConfig) -> Path:

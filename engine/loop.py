@@ -133,8 +133,9 @@ def _announce_workers(loader: DetectionLoader, log: ProgressLog, rank: int, worl
     else:
         ranks = [mine]
     if rank == 0:
-        for r in ranks:
-            print(f"rank {r['rank']} on {r['host']} (node {r['node'][:8]}) reads {len(r['shards'])} shards", flush=True)
+        counts = sorted(len(r["shards"]) for r in ranks)
+        nodes = len({r["node"] for r in ranks})
+        print(f"{world_size} ranks on {nodes} node(s), {counts[0]}-{counts[-1]} shards each this epoch", flush=True)
         log.event(step, "workers", world_size=world_size, ranks=ranks)
 
 

@@ -141,7 +141,8 @@ class ProgressLog:
 
     def save_best(self, net: torch.nn.Module, metrics: dict) -> None:
         """The best model by AP, beside the checkpoints: ``{storage_path}/{name}/best/``."""
-        root = storage.join(storage.join(_absolute(self.cfg.checkpoint.storage_path), self.cfg.checkpoint.name), "best")
+        run = storage.join(storage.absolute(self.cfg.checkpoint.storage_path), self.cfg.checkpoint.name)
+        root = storage.join(run, "best")
         buf = io.BytesIO()
         torch.save(net.state_dict(), buf)
         storage.write_bytes(storage.join(root, "model.pt"), buf.getvalue())
@@ -161,10 +162,6 @@ class ProgressLog:
                 if key != "step" and isinstance(value, int | float):
                     self._writer.add_scalar(key, value, entry["step"])
             self._writer.flush()
-
-
-def _absolute(path: str) -> str:
-    return path if "://" in path else str(Path(path).resolve())
 
 
 def _duration(seconds: float) -> str:

@@ -40,6 +40,11 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+def absolute(uri: str) -> str:
+    """An object-storage URI as it is; a local path made absolute against this process's folder."""
+    return uri if "://" in uri else os.path.realpath(uri)
+
+
 def join(uri: str, name: str) -> str:
     return uri.rstrip("/") + "/" + name
 
