@@ -56,6 +56,7 @@ class OptimConfig:
     clip_grad_norm: float | None = None
     amp: bool = False  # bf16 autocast; only on GPU
     channels_last: bool = False
+    compile: bool = False  # torch.compile the network; if compiling fails, the run trains eagerly (logged)
     optimizer: str = "sgd"  # "adamw" for small demos
 
     def __post_init__(self) -> None:

@@ -6,6 +6,7 @@ The step itself is short; logging, evaluation and checkpoints are hooks at step 
 
 from __future__ import annotations
 
+import itertools
 import socket
 import tempfile
 import time
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from engine import checkpoint as ckpt
+from engine.compiling import compile_or_eager
 from engine.config import TrainConfig, from_dict, to_dict
 from engine.evaluate import evaluate
 from engine.progress import ProgressLog
@@ -45,9 +47,6 @@ def run_worker(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, lo
     net.to(device)
     if cfg.optim.channels_last:
         net.to(memory_format=torch.channels_last)
-    model = net
-    if world_size > 1:
-        model = DistributedDataParallel(net, device_ids=[local_rank] if gpu else None, gradient_as_bucket_view=True)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = _optimizer(cfg, params)
 
@@ -78,6 +77,15 @@ def run_worker(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, lo
     global_batch = cfg.data.loader.batch_size * world_size
     batches = iter(loader)
     amp = cfg.optim.amp and gpu
+    compiled = None
+    if cfg.optim.compile and state.step < cfg.optim.max_iters:
+        first = next(batches)
+        batches = itertools.chain([first], batches)
+        compiled = compile_or_eager(net, loss_fn, first.to(device), amp, cfg.optim.channels_last, log, state.step, rank)
+    model = net if compiled is None else compiled
+    if world_size > 1:  # compiled around DDP, so that its graph is split at the gradient buckets (overlap)
+        model = DistributedDataParallel(net, device_ids=[local_rank] if gpu else None, gradient_as_bucket_view=True)
+        model = torch.compile(model) if compiled is not None else model
     for step in range(state.step, cfg.optim.max_iters):
         start = time.perf_counter()
         batch = next(batches).to(device)

@@ -6,9 +6,12 @@ import pickle
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
+
+from model.folded import conv_bn, stage_forward
 
 # Output channels of C3, C4, C5 per architecture family.
 _BASIC_CHANNELS = (128, 256, 512)
@@ -20,7 +23,8 @@ class ResNetTrunk(nn.Module):
     """Runs a torchvision ResNet up to ``layer4`` and returns C3, C4, C5.
 
     Input ``[N, 3, H, W]`` float; outputs strides 8, 16, 32: ``[N, C_l, H / 2^l, W / 2^l]`` for l = 3, 4, 5.
-    Parameter names match torchvision's ``backbone.body`` (``conv1``, ``bn1``, ``layer1``...).
+    Parameter names match torchvision's ``backbone.body`` (``conv1``, ``bn1``, ``layer1``...). Frozen
+    BatchNorm is folded into the convolution before it (``model.folded``), the same function in fewer passes.
     """
 
     def __init__(self, resnet: nn.Module, out_channels: tuple[int, int, int]) -> None:
@@ -36,11 +40,11 @@ class ResNetTrunk(nn.Module):
         self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        c2 = self.layer1(x)
-        c3 = self.layer2(c2)
-        c4 = self.layer3(c3)
-        c5 = self.layer4(c4)
+        x = self.maxpool(F.relu(conv_bn(self.conv1, self.bn1, x), inplace=True))
+        c2 = stage_forward(self.layer1, x)
+        c3 = stage_forward(self.layer2, c2)
+        c4 = stage_forward(self.layer3, c3)
+        c5 = stage_forward(self.layer4, c4)
         return [c3, c4, c5]
 
 

@@ -206,3 +206,18 @@ def test_a_few_steps_on_coco128_from_s3_complete_and_evaluate(coco128, s3_bucket
     assert result.error is None and result.metrics["step"] == 4
     assert 0.0 <= result.metrics["AP"] <= 1.0 and "APl" in result.metrics
     assert (log_dir(cfg) / "predictions_00000004.png").exists()
+
+
+def test_compiled_training_with_two_ddp_workers(data, ray_local, tmp_path) -> None:
+    """``optim.compile=true`` with ``optim.channels_last=true``: each rank compiles (inductor, C++ on the
+    CPU) after the trial step, DDP around the compiled network; the run trains its steps and records no
+    ``compile_failed``."""
+    cfg = _cfg(data, str(tmp_path / "runs"), "compiled", "optim.compile=true", "optim.channels_last=true",
+               "optim.steps=[4]", "optim.warmup_iters=2", "optim.max_iters=6", "log.every=3",
+               "eval.at_end=false")  # fmt: skip
+    result = run(cfg)
+    assert result.error is None and result.metrics["step"] == 6
+    history = _history(cfg)
+    assert not [h for h in history if h.get("event") == "compile_failed"], history
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 2 and all(0 < x < 100 for x in losses)

@@ -1,0 +1,44 @@
+"""The benchmark scripts run on this machine at a small size (the GPU one on the CPU), check that both
+models compute the same loss, and write their tables; no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(script: str, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_gpu_benchmark_runs_on_the_cpu_at_a_small_size(tmp_path) -> None:
+    out = _run("bench_gpu.py", "--device", "cpu", "--quick", "--json", str(tmp_path / "gpu.json"))
+    assert "same-weights loss check" in out and "| variant | ms/step" in out
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "gpu.json").read_text())["rows"]}
+    assert {"torchvision fp32", "torchvision bf16 autocast", "ours fp32", "ours bf16 + channels_last"} <= set(rows)
+    assert all(r["img_s"] > 0 and r["ms"] > 0 for r in rows.values())
+
+
+def test_cpu_benchmark_checks_equality_and_times_every_variant(tmp_path) -> None:
+    out = _run("bench_cpu.py", "--quick", "--json", str(tmp_path / "cpu.json"))
+    result = json.loads((tmp_path / "cpu.json").read_text())
+    assert all("OK" in line for line in out.splitlines() if line.startswith("check "))
+    assert set(result["results"]) == {"loss forward", "loss forward+backward", "postprocess", "training step"}
+    variants = result["training_step_variants"]
+    assert set(variants) == {"ours", "ours channels_last", "torchvision channels_last", "hardware limit"}
+    assert all(v["vs_torchvision"] > 0 for k, v in variants.items() if k != "hardware limit")
+    limit = variants["hardware limit"]
+    assert 0 < limit["tv_conv_ms"] < limit["tv_step_ms"] and limit["max_speedup"] > 1
+    assert result["results"]["training step"]["ours_variant"] in variants
+    assert "could be at most" in out
