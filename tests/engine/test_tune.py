@@ -117,10 +117,10 @@ def _wait_for_a_finished_and_a_running_trial(search: Path, address: str, env: di
         logs = subprocess.run([RAY, "job", "logs", "--address", address, "search-1"], env=env, capture_output=True,
                               text=True, timeout=60).stdout  # fmt: skip
         done = set(re.findall(r"Trial run_trial_(\w+) completed after", logs))
-        running = {
+        running = {  # a checkpoint counts once Train has registered it (its folder is written first)
             d.name
             for d in (search / "runs").glob("*")
-            if d.name not in done and any(d.glob("checkpoint_0*")) and not (d / f"checkpoint_{MAX_ITERS:08d}").exists()
+            if d.name not in done and 0 < max(_registered(d), default=0) < MAX_ITERS
         }
         if done and running:  # "completed" includes trials ASHA stopped: keep those that trained to the end
             return {t for t in done if (search / "runs" / t / f"checkpoint_{MAX_ITERS:08d}").exists()}, running
@@ -128,6 +128,15 @@ def _wait_for_a_finished_and_a_running_trial(search: Path, address: str, env: di
             break
         time.sleep(1)
     return set(), set()  # the timing did not allow an interruption mid-trial; the resume still has to work
+
+
+def _registered(run: Path) -> list[int]:
+    """Steps of the checkpoints Train has registered for this run (its snapshot), not just written."""
+    try:
+        snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # not yet written, or caught mid-write
+        return []
+    return [c["metrics"]["step"] for c in snapshot.get("checkpoint_results", [])]
 
 
 def _resumed_at(run: Path) -> list[int]:
