@@ -13,7 +13,8 @@ Measures, each as median and IQR over repetitions (``time.perf_counter``, after 
    torchvision channels_last, and with ``--compile`` ours channels_last through ``torch.compile``
    (inductor, C++). The headline row is our best pair. ``--bf16``: bfloat16 autocast on both sides.
    Then the hardware limit: the convolution share of one profiled step of each, the convolutions' FLOP
-   rate against a matmul's, and the most any model with the same convolutions could gain.
+   rate against that of one large 3x3 convolution, and the most any model with the same convolutions
+   could gain.
 
 Both are built with FrozenBatchNorm2d, 3 trainable backbone stages, P6 from P5 (torchvision v1); ours with
 ``torchvision_config("v1")`` (per-image loss normalisation, L1 box loss). Before timing, the losses are checked

@@ -20,7 +20,9 @@ def compile_or_eager(
     rank: int,
 ) -> torch.nn.Module | None:
     """``torch.compile(net)``, tried with one forward + backward on ``batch`` (the run's first batch, on
-    the device) before DDP wraps the network. Compile errors (no C++ compiler, an unsupported operator)
+    the device) before DDP wraps the network: outside DDP, a failure on one rank cannot leave the others
+    waiting in a gradient all-reduce. Under DDP the loop then compiles DDP(net) once more, so that the
+    graph breaks at the gradient buckets. Compile errors (no C++ compiler, an unsupported operator)
     surface in that trial: then it returns ``None`` on every rank (train eagerly), rank 0 prints a warning
     and writes the event ``compile_failed`` to metrics.jsonl. The trial's gradients are discarded and no
     weight changes (BatchNorm running statistics of a trainable-BN backbone see this batch once more)."""
