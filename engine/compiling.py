@@ -18,20 +18,21 @@ def compile_or_eager(
     log: ProgressLog,
     step: int,
     rank: int,
+    mode: str = "default",
 ) -> torch.nn.Module | None:
-    """``torch.compile(net)``, tried with one forward + backward on ``batch`` (the run's first batch, on
+    """``torch.compile(net, mode=mode)``, tried with one forward + backward on ``batch`` (the run's first batch, on
     the device) before DDP wraps the network: outside DDP, a failure on one rank cannot leave the others
     waiting in a gradient all-reduce. Under DDP the loop then compiles DDP(net) once more, so that the
     graph breaks at the gradient buckets. Compile errors (no C++ compiler, an unsupported operator)
     surface in that trial: then it returns ``None`` on every rank (train eagerly), rank 0 prints a warning
     and writes the event ``compile_failed`` to metrics.jsonl. The trial's gradients are discarded and no
     weight changes (BatchNorm running statistics of a trainable-BN backbone see this batch once more)."""
-    compiled = torch.compile(net)
+    compiled = torch.compile(net, mode=mode)
     images = batch.images.contiguous(memory_format=torch.channels_last) if channels_last else batch.images
     reason = ""
     try:
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = loss_fn(compiled(images), batch.targets())["loss"]
+            loss = loss_fn(compiled(images), batch.padded_targets())["loss"]
         loss.backward()
     except Exception as e:  # any failure means: do not compile; a real input error recurs eagerly
         text = str(e).strip()

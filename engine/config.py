@@ -20,6 +20,7 @@ from model import RetinaNetConfig
 from pipeline.loader import LoaderConfig
 
 OPTIMIZERS = ("sgd", "adamw")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(kw_only=True)
@@ -57,9 +58,17 @@ class OptimConfig:
     amp: bool = False  # bf16 autocast; only on GPU
     channels_last: bool = False
     compile: bool = False  # torch.compile the network; if compiling fails, the run trains eagerly (logged)
+    # torch.compile's mode: "reduce-overhead" also records CUDA graphs on GPUs (needs static shapes:
+    # data.loader.aug.pad_to and data.loader.pad_boxes_to), the "max-autotune" modes search kernels
+    compile_mode: str = "default"
+    ddp_bucket_mb: float = 25.0  # DDP gradient bucket size (MiB): all-reduces start as buckets fill
     optimizer: str = "sgd"  # "adamw" for small demos
 
     def __post_init__(self) -> None:
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"optim.compile_mode={self.compile_mode!r} is not one of {list(COMPILE_MODES)}")
+        if not self.ddp_bucket_mb > 0:
+            raise ValueError(f"optim.ddp_bucket_mb must be > 0, got {self.ddp_bucket_mb}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optim.optimizer={self.optimizer!r} is not one of {list(OPTIMIZERS)}")
         if not self.base_lr > 0:

@@ -24,6 +24,7 @@ from engine.compiling import compile_or_eager
 from engine.config import TrainConfig, from_dict, to_dict
 from engine.evaluate import evaluate
 from engine.progress import ProgressLog
+from engine.step import train_step
 from model import build_retinanet
 from pipeline.loader import DetectionLoader, open_dataset
 
@@ -77,30 +78,29 @@ def run_worker(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, lo
     global_batch = cfg.data.loader.batch_size * world_size
     batches = iter(loader)
     amp = cfg.optim.amp and gpu
+    o = cfg.optim
+    loss_fn.check_inputs = False  # the loader checked boxes and labels on the host: no sync per step
     compiled = None
-    if cfg.optim.compile and state.step < cfg.optim.max_iters:
+    if o.compile and state.step < o.max_iters:
         first = next(batches)
         batches = itertools.chain([first], batches)
-        compiled = compile_or_eager(net, loss_fn, first.to(device), amp, cfg.optim.channels_last, log, state.step, rank)
+        compiled = compile_or_eager(net, loss_fn, first.to(device), amp, o.channels_last, log, state.step, rank,
+                                    mode=o.compile_mode)  # fmt: skip
     model = net if compiled is None else compiled
     if world_size > 1:  # compiled around DDP, so that its graph is split at the gradient buckets (overlap)
-        model = DistributedDataParallel(net, device_ids=[local_rank] if gpu else None, gradient_as_bucket_view=True)
-        model = torch.compile(model) if compiled is not None else model
-    for step in range(state.step, cfg.optim.max_iters):
+        model = DistributedDataParallel(
+            net, device_ids=[local_rank] if gpu else None, gradient_as_bucket_view=True, bucket_cap_mb=o.ddp_bucket_mb
+        )
+        model = torch.compile(model, mode=o.compile_mode) if compiled is not None else model
+    for step in range(state.step, o.max_iters):
         start = time.perf_counter()
         batch = next(batches).to(device)
         waited = time.perf_counter() - start
-        lr = cfg.optim.lr_at(step, global_batch)
+        lr = o.lr_at(step, global_batch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        images = batch.images.contiguous(memory_format=torch.channels_last) if cfg.optim.channels_last else batch.images
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            losses = loss_fn(model(images), batch.targets())
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        if cfg.optim.clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad_norm)
-        optimizer.step()
+        losses = train_step(model, loss_fn, optimizer, params, batch, amp=amp, channels_last=o.channels_last,
+                            clip_grad_norm=o.clip_grad_norm or 0.0)  # fmt: skip
         done = step + 1
         log.step(losses, lr, len(batch), waited, time.perf_counter() - start)
         if done % cfg.log.every == 0 or done == cfg.optim.max_iters:

@@ -113,10 +113,9 @@ def match_anchors(
 
 
 def _thresholds(best_iou: torch.Tensor, best_box: torch.Tensor, fg_thresh: float, bg_thresh: float) -> torch.Tensor:
-    matches = best_box.clone()
-    matches[best_iou < fg_thresh] = IGNORE
-    matches[best_iou < bg_thresh] = BACKGROUND
-    return matches
+    # torch.where, not a boolean-mask assignment: no nonzero(), so no host sync on GPUs
+    matches = torch.where(best_iou < fg_thresh, IGNORE, best_box)
+    return torch.where(best_iou < bg_thresh, BACKGROUND, matches)
 
 
 def _is_best_for_a_box(iou: torch.Tensor, best_per_box: torch.Tensor) -> torch.Tensor:

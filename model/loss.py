@@ -15,7 +15,10 @@ class RetinaNetLoss(torch.nn.Module):
     """``loss_fn(outputs, targets)``: matches anchors to boxes, then focal + box loss.
 
     ``targets``: one dict per image, ``boxes [M_i, 4]`` float xyxy pixels of the padded input and
-    ``labels [M_i]`` int64 in ``[0, K)``; ``M_i = 0`` is valid (only negatives).
+    ``labels [M_i]`` int64 in ``[0, K)``; ``M_i = 0`` is valid (only negatives). Or the whole batch
+    already padded (``Batch.padded_targets()``, the training loop's form): ``{"boxes": [N, M, 4],
+    "labels": [N, M]}`` with label -1 on padding rows; no Python loop and no host sync then.
+    ``check_inputs``: ``ValueError`` for a bad box or label (one host sync per call).
     Returns ``loss_cls``, ``loss_box``, ``loss`` (their sum) as scalars and ``num_foreground`` (int64 scalar,
     over the batch). Normalisation ``batch``: sums over the batch divided by ``max(1, num_foreground)``;
     ``per_image``: each image by its own count, then the mean over images (torchvision).
@@ -27,12 +30,17 @@ class RetinaNetLoss(torch.nn.Module):
         self.box_coder = BoxCoder(cfg.box_coder_weights, cfg.box_clamp)
         self.check_inputs = check_inputs
 
-    def forward(self, outputs: Outputs, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, outputs: Outputs, targets: list[dict[str, torch.Tensor]] | dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         # float32 maths even under bf16 autocast: the focal sum over K classes and log/exp need the range
         cls_logits, deltas = outputs["cls_logits"].float(), outputs["bbox_deltas"].float()
         anchors = outputs["anchors"]
         n, _, k = cls_logits.shape
-        boxes, labels, valid = pad_targets(targets, n, cls_logits.device)
+        if isinstance(targets, dict):
+            boxes, labels, valid = padded_batch_targets(targets, n, cls_logits.device)
+        else:
+            boxes, labels, valid = pad_targets(targets, n, cls_logits.device)
         if self.check_inputs:
             check_targets(boxes, labels, valid, k, outputs["image_size"])
         cfg = self.cfg
@@ -109,6 +117,23 @@ def pad_targets(
         labels[i, : counts[i]] = t["labels"].to(device=device)
     valid = torch.arange(m, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]
     return boxes, labels, valid
+
+
+def padded_batch_targets(
+    targets: dict[str, torch.Tensor], batch_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``{"boxes": [N, M, 4], "labels": [N, M]}`` (label -1 = padding) -> ``pad_targets``' triple."""
+    boxes, labels = targets.get("boxes"), targets.get("labels")
+    if not isinstance(boxes, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise ValueError("padded targets must be a dict with tensors 'boxes' [N, M, 4] and 'labels' [N, M]")
+    if boxes.dim() != 3 or boxes.shape[-1] != 4 or boxes.shape[0] != batch_size or boxes.shape[1] < 1:
+        raise ValueError(f"padded targets' boxes must have shape [{batch_size}, M >= 1, 4], got {tuple(boxes.shape)}")
+    if tuple(labels.shape) != tuple(boxes.shape[:2]) or labels.is_floating_point():
+        raise ValueError(f"padded targets' labels must be integers of shape {tuple(boxes.shape[:2])}, got "
+                         f"{labels.dtype} {tuple(labels.shape)}")  # fmt: skip
+    labels = labels.to(device=device, dtype=torch.int64)
+    valid = labels >= 0
+    return boxes.to(device=device, dtype=torch.float32), labels.clamp(min=0), valid
 
 
 def check_targets(

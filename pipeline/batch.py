@@ -44,6 +44,12 @@ class Batch:
         counts = self.num_boxes.tolist()
         return [{"boxes": self.boxes[i, :m], "labels": self.labels[i, :m]} for i, m in enumerate(counts)]
 
+    def padded_targets(self) -> dict[str, torch.Tensor]:
+        """The same targets as one padded dict, ``boxes [N, M, 4]`` and ``labels [N, M]`` (-1 on padding
+        rows), for the loss's batched form: no per-image slicing and no host sync (``targets()`` reads
+        ``num_boxes`` back from the device)."""
+        return {"boxes": self.boxes, "labels": self.labels}
+
     def scale_to_original(self, boxes: torch.Tensor, index: int) -> torch.Tensor:
         """Boxes ``[D, 4]`` predicted on image ``index`` of this batch -> pixels of its source image
         (undoes the resize; predictions are made on unflipped evaluation batches)."""

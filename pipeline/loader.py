@@ -72,11 +72,16 @@ class LoaderConfig:
     seed: int = 0
     num_threads: int = 2  # DALI CPU threads
     prefetch: int = 2
+    # > 0: box tensors of every batch have this many rows (more only if an image has more boxes): with
+    # aug.pad_to, the training step sees one set of shapes (torch.compile, CUDA graphs); 0: the batch's max
+    pad_boxes_to: int = 0
     aug: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.num_workers < 1 or self.num_threads < 1 or self.prefetch < 1:
             raise ValueError("batch_size, num_workers, num_threads and prefetch must be >= 1")
+        if self.pad_boxes_to < 0:
+            raise ValueError(f"pad_boxes_to must be >= 0 (0: the batch's largest count), got {self.pad_boxes_to}")
 
 
 class DetectionLoader:
@@ -119,6 +124,7 @@ class DetectionLoader:
         self._state = [s.state_dict() for s in self.streams]
         self._iters: list[Iterator[Sample]] | None = None
         self._next = 0
+        self._dropped_boxes = 0
 
     # -- position -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -146,6 +152,7 @@ class DetectionLoader:
         for s in self.streams:
             for k, v in s.stats.items():
                 total[k] = total.get(k, 0) + v
+        total["dropped_boxes"] = total.get("dropped_boxes", 0) + self._dropped_boxes
         return total
 
     # -- iteration ------------------------------------------------------------------------------
@@ -165,10 +172,34 @@ class DetectionLoader:
             raise StopIteration
         self._meta.append((samples, [s.state_dict() for s in self.streams]))
         jpegs = [np.frombuffer(s.jpeg, dtype=np.uint8) for s in samples]
-        scale = [np.array([s.width, s.height, s.width, s.height], dtype=np.float32) for s in samples]
-        boxes = [np.clip(s.boxes / sc, 0.0, 1.0).reshape(-1, 4) for s, sc in zip(samples, scale, strict=True)]
-        labels = [s.labels.astype(np.int32) for s in samples]
+        boxes, labels = [], []
+        for s in samples:
+            b, lab = self._checked_targets(s)
+            boxes.append(b)
+            labels.append(lab)
         return jpegs, boxes, labels
+
+    def _checked_targets(self, s: Sample) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes relative to the image and clipped to it, ``[M, 4]`` float32, and labels ``[M]`` int32.
+        Checked here, on the host, so that the training step need not check them on the device (a host
+        sync per step): a label outside the manifest's categories is a ``ValueError``; a box with no area
+        left inside the image is dropped and counted (``stats["dropped_boxes"]``)."""
+        k = self.dataset.num_classes
+        if s.labels.size and (s.labels.min() < 0 or s.labels.max() >= k):
+            bad = int(s.labels[(s.labels < 0) | (s.labels >= k)][0])
+            raise ValueError(
+                f"image {s.image_id} ({s.key}) has label {bad}, outside the manifest's {k} categories [0, {k}): "
+                "the shard does not belong to this manifest; reconvert the dataset (python jobs/convert.py ...)"
+            )
+        scale = np.array([s.width, s.height, s.width, s.height], dtype=np.float32)
+        boxes = np.clip(s.boxes / scale, 0.0, 1.0).reshape(-1, 4)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        if not keep.all():
+            self._dropped_boxes += int((~keep).sum())
+            log.warning("image %s (%s): dropped %d box(es) lying outside the image", s.image_id, s.key,
+                        int((~keep).sum()))  # fmt: skip
+            boxes = boxes[keep]
+        return boxes, s.labels[keep].astype(np.int32)
 
     def __iter__(self) -> Iterator[Batch]:
         pipe = detection_pipeline(
@@ -201,7 +232,7 @@ class DetectionLoader:
         sizes = shapes[:, :2].long()  # (h, w) after resize
         rel = [np.asarray(boxes_tl[i]).reshape(-1, 4) for i in range(len(samples))]
         counts = [len(b) for b in rel]
-        m = max(1, *counts)
+        m = max(1, self.cfg.pad_boxes_to, *counts)
         boxes = torch.zeros(len(samples), m, 4)
         labels = torch.full((len(samples), m), -1, dtype=torch.int64)
         for i, b in enumerate(rel):

@@ -159,6 +159,10 @@ def test_wrong_type_names_key_type_and_value(item: str, expected: str) -> None:
         ("model.backbone=resnet19", "backbone='resnet19' is not one of"),  # the model config's own check
         ("data.loader.aug.train_sizes=[16]", ">= 32 px"),  # the augmentation config's own check
         ("data.loader.batch_size=0", "batch_size"),
+        ("optim.compile_mode=fast", "compile_mode='fast' is not one of"),
+        ("optim.ddp_bucket_mb=0", "ddp_bucket_mb must be > 0"),
+        ("data.loader.aug.pad_to=300", "pad_to must be 0 or a multiple of 128"),
+        ("data.loader.pad_boxes_to=-2", "pad_boxes_to must be >= 0"),
     ],
 )
 def test_invalid_value_is_rejected_after_override(item: str, message: str) -> None:

@@ -209,12 +209,14 @@ def test_a_few_steps_on_coco128_from_s3_complete_and_evaluate(coco128, s3_bucket
 
 
 def test_compiled_training_with_two_ddp_workers(data, ray_local, tmp_path) -> None:
-    """``optim.compile=true`` with ``optim.channels_last=true``: each rank compiles (inductor, C++ on the
-    CPU) after the trial step, DDP around the compiled network; the run trains its steps and records no
-    ``compile_failed``."""
+    """``optim.compile=true`` with ``optim.channels_last=true`` and the static-shape settings (every batch
+    256 x 256 with 64 box rows; mode ``reduce-overhead``, which records CUDA graphs on GPUs and is plain
+    inductor on CPUs; smaller DDP buckets): each rank compiles (inductor, C++ on the CPU) after the trial
+    step, DDP around the compiled network; the run trains its steps and records no ``compile_failed``."""
     cfg = _cfg(data, str(tmp_path / "runs"), "compiled", "optim.compile=true", "optim.channels_last=true",
-               "optim.steps=[4]", "optim.warmup_iters=2", "optim.max_iters=6", "log.every=3",
-               "eval.at_end=false")  # fmt: skip
+               "optim.compile_mode=reduce-overhead", "data.loader.aug.pad_to=256", "data.loader.pad_boxes_to=64",
+               "optim.ddp_bucket_mb=4", "optim.steps=[4]", "optim.warmup_iters=2", "optim.max_iters=6",
+               "log.every=3", "eval.at_end=false")  # fmt: skip
     result = run(cfg)
     assert result.error is None and result.metrics["step"] == 6
     history = _history(cfg)

@@ -66,3 +66,34 @@ def test_bf16_autocast_training_step() -> None:
     losses["loss"].backward()
     grads = [p.grad for p in net.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_training_step_never_waits_for_the_gpu() -> None:
+    """CUDA's own sync detector (``set_sync_debug_mode("error")``) around the loop's step, bf16 autocast:
+    what tests/engine/test_step.py checks on the CPU, plus host-to-device copies, which only a GPU shows."""
+    from engine.step import train_step
+    from pipeline.batch import Batch
+
+    torch.manual_seed(0)
+    net, loss_fn, _ = model.build_retinanet(model.RetinaNetConfig(num_classes=5, backbone="resnet18"))
+    net = net.cuda().to(memory_format=torch.channels_last)
+    loss_fn.check_inputs = False
+    boxes = torch.zeros(2, 8, 4)
+    boxes[:, 0] = torch.tensor([10.0, 20.0, 200.0, 220.0])
+    labels = torch.full((2, 8), -1)
+    labels[:, 0] = 3
+    sizes = torch.tensor([[384, 512]] * 2)
+    batch = Batch(images=torch.randn(2, 3, 384, 512), image_sizes=sizes, original_sizes=sizes,
+                  image_ids=torch.arange(2), boxes=boxes, labels=labels, num_boxes=torch.tensor([1, 1]),
+                  flipped=torch.zeros(2, dtype=torch.bool)).to("cuda")  # fmt: skip
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    for step in range(3):  # the first step at an input size builds its anchors on the host (then cached)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if step else "default")
+        try:
+            losses = train_step(net, loss_fn, optimizer, params, batch, amp=True, channels_last=True,
+                                clip_grad_norm=10.0)  # fmt: skip
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(losses["loss"]).item()

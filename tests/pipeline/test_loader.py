@@ -200,3 +200,68 @@ def test_random_iou_crop_keeps_boxes_on_their_pixels(tmp_path) -> None:
         if x1 > 6:  # grey just left of the box
             assert red[int(y1) + 3 : int(y2) - 3, int(x1) - 5].max() < 160
     assert len(sizes) > 3  # the crops differ
+
+
+def test_static_shapes_pad_every_training_batch_alike(coco40) -> None:
+    """``aug.pad_to`` + ``pad_boxes_to``: every training batch has the same image and box shapes (one
+    graph for torch.compile, replayable CUDA graphs), with the boxes unchanged; evaluation keeps its own."""
+    uri, records = coco40
+    ds = open_dataset(uri)
+    aug = AugmentConfig(train_sizes=(192, 224, 256), eval_size=256, max_size=384, pad_to=384)
+    cfg = LoaderConfig(batch_size=3, num_workers=2, pad_boxes_to=64, aug=aug)
+    shapes = set()
+    for batch, _ in zip(DetectionLoader(ds, rank=0, world_size=1, train=True, cfg=cfg), range(12), strict=False):
+        shapes.add((tuple(batch.images.shape), tuple(batch.boxes.shape), tuple(batch.labels.shape)))
+        for i, image_id in enumerate(batch.image_ids.tolist()):
+            n, (h, w) = int(batch.num_boxes[i]), batch.image_sizes[i].tolist()
+            assert n == len(records[image_id]["labels"]) and max(h, w) <= 384
+            assert (batch.labels[i, n:] == -1).all() and (batch.images[i, :, h:, :] == 0).all()
+    assert shapes == {((3, 3, 384, 384), (3, 64, 4), (3, 64))}
+    plain = LoaderConfig(batch_size=3, num_workers=2, aug=aug)
+    evaluated = next(iter(DetectionLoader(ds, rank=0, world_size=1, train=False, cfg=plain)))
+    assert evaluated.images.shape[-2:] != (384, 384) and evaluated.boxes.shape[1] == int(evaluated.num_boxes.max())
+
+
+def test_more_boxes_than_pad_boxes_to_are_all_kept(coco40) -> None:
+    uri, records = coco40
+    cfg = LoaderConfig(batch_size=4, num_workers=1, pad_boxes_to=1, aug=SMALL)
+    batch = next(iter(DetectionLoader(open_dataset(uri), rank=0, world_size=1, train=False, cfg=cfg)))
+    counts = [len(records[i]["labels"]) for i in batch.image_ids.tolist()]
+    assert batch.num_boxes.tolist() == counts and batch.boxes.shape[1] == max(counts) > 1
+
+
+@pytest.mark.parametrize(("pad_to", "fix"), [(500, "512"), (256, "512"), (-128, "512")])
+def test_bad_pad_to_is_refused_with_a_size_that_works(pad_to: int, fix: str) -> None:
+    with pytest.raises(ValueError, match=f"pad_to must be 0 or a multiple of 128.*e.g. {fix}"):
+        AugmentConfig(train_sizes=(256,), eval_size=256, max_size=512, pad_to=pad_to)
+    with pytest.raises(ValueError, match="pad_boxes_to must be >= 0"):
+        LoaderConfig(pad_boxes_to=-1)
+
+
+def test_label_outside_the_manifest_stops_with_the_image_named(coco128, tmp_path) -> None:
+    """The loader checks labels on the host (the training step does not, to stay free of host syncs)."""
+    samples, cats = coco_records(coco128, 4)
+    jpeg, record = samples[2]
+    samples[2] = (jpeg, {**record, "labels": [len(cats) + 3, *record["labels"][1:]]})
+    write_dataset(str(tmp_path), [tar_bytes(samples)], cats)
+    cfg = LoaderConfig(batch_size=2, num_workers=1, aug=SMALL)
+    loader = DetectionLoader(open_dataset(str(tmp_path)), rank=0, world_size=1, train=False, cfg=cfg)
+    with pytest.raises(ValueError, match=rf"image {record['image_id']} .*label {len(cats) + 3}, outside .*reconvert"):
+        list(loader)
+
+
+def test_box_outside_the_image_is_dropped_and_counted(coco128, tmp_path, caplog) -> None:
+    samples, cats = coco_records(coco128, 2)
+    jpeg, record = samples[0]
+    w, h = record["width"], record["height"]
+    outside = [w + 10.0, 5.0, w + 50.0, h / 2]  # right of the image: no area left after clipping
+    samples[0] = (jpeg, {**record, "boxes": [outside] + record["boxes"], "labels": [0] + record["labels"],
+                         "iscrowd": [0] + record["iscrowd"], "category_ids": [1] + record["category_ids"]})  # fmt: skip
+    write_dataset(str(tmp_path), [tar_bytes(samples)], cats)
+    cfg = LoaderConfig(batch_size=2, num_workers=1, aug=SMALL)
+    loader = DetectionLoader(open_dataset(str(tmp_path)), rank=0, world_size=1, train=False, cfg=cfg)
+    with caplog.at_level(logging.WARNING):
+        (batch,) = list(loader)
+    i = batch.image_ids.tolist().index(record["image_id"])
+    assert int(batch.num_boxes[i]) == len(record["labels"]) and loader.stats["dropped_boxes"] == 1
+    assert "outside the image" in caplog.text
