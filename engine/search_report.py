@@ -42,7 +42,8 @@ def rows_from_grid(grid, params: Sequence[Param], max_iters: int) -> list[dict[s
             status = FINISHED
         trial = metrics.get("trial_id") or str(result.path).rstrip("/").rsplit("/", 1)[-1].removeprefix("trial_")
         row = {"trial": trial, "status": status}
-        row.update({p.label: _plain(result.config.get(p.key)) for p in params})
+        config = result.config if result.config is not None else trial_params(str(result.path))
+        row.update({p.label: _plain(config.get(p.key)) for p in params})
         row.update(
             AP=aps[-1] if aps else None,
             AP50=ap50s[-1] if ap50s else None,
@@ -53,6 +54,16 @@ def rows_from_grid(grid, params: Sequence[Param], max_iters: int) -> list[dict[s
         )
         rows.append(row)
     return sorted(rows, key=lambda r: (r["status"] == ERROR, -(r["AP"] if r["AP"] is not None else -1.0)))
+
+
+def trial_params(trial_dir: str) -> dict[str, Any]:
+    """The sampled values from the trial folder's ``params.json`` (Tune writes it when the trial starts):
+    a trial that never reported (stopped or failed before its first report) has no ``Result.config``."""
+    uri = storage.join(trial_dir, "params.json")
+    try:
+        return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else {}
+    except (ValueError, storage.StorageError):
+        return {}
 
 
 def best_row(rows: Sequence[dict]) -> dict | None:

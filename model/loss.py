@@ -133,7 +133,12 @@ def padded_batch_targets(
                          f"{labels.dtype} {tuple(labels.shape)}")  # fmt: skip
     labels = labels.to(device=device, dtype=torch.int64)
     valid = labels >= 0
-    return boxes.to(device=device, dtype=torch.float32), labels.clamp(min=0), valid
+    # Padding rows become the same harmless unit box as in pad_targets: an image without boxes matches
+    # every anchor to row 0, and a zero-area box there gives inf/NaN in the (masked) box loss, whose
+    # backward turns 0 * NaN into NaN gradients.
+    unit = (torch.arange(4, device=device) >= 2).float()  # [0, 0, 1, 1], made on the device: no copy
+    boxes = torch.where(valid[..., None], boxes.to(device=device, dtype=torch.float32), unit)
+    return boxes, labels.clamp(min=0), valid
 
 
 def check_targets(

@@ -14,7 +14,17 @@ import pytest
 
 from engine.config import apply_overrides, format_override, get_recipe
 from engine.search import SearchConfig, max_concurrent_trials, trial_resources
-from engine.search_report import ERROR, FINISHED, STOPPED, best_command, best_row, format_table, plot, write_results
+from engine.search_report import (
+    ERROR,
+    FINISHED,
+    STOPPED,
+    best_command,
+    best_row,
+    format_table,
+    plot,
+    trial_params,
+    write_results,
+)
 from engine.spaces import SPACES, Param, parse_param, resolve
 from tests.engine.test_train import data  # noqa: F401  (fixture)
 
@@ -188,3 +198,15 @@ def test_tune_cli_errors_before_starting(tmp_path, data) -> None:  # noqa: F811
     assert done.returncode == 2 and "add --resume to continue it, or pick --name" in done.stderr
     done = tune("--space", "focal", "--name", "taken", "--resume")
     assert done.returncode == 2 and "--resume must repeat the search's arguments" in done.stderr
+
+
+def test_a_trial_that_never_reported_keeps_its_sampled_values(tmp_path) -> None:
+    """``Result.config`` is None for a trial stopped or failed before its first report; its row reads the
+    values from the ``params.json`` Tune wrote into the trial folder (none: empty, not a crash)."""
+    trial = tmp_path / "trial_0001"
+    trial.mkdir()
+    (trial / "params.json").write_text(json.dumps({"model.focal_alpha": 0.5, "model.focal_gamma": 2.0}))
+    assert trial_params(str(trial)) == {"model.focal_alpha": 0.5, "model.focal_gamma": 2.0}
+    assert trial_params(str(tmp_path / "missing")) == {}
+    (trial / "params.json").write_text("{truncated")
+    assert trial_params(str(trial)) == {}

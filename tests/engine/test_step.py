@@ -86,6 +86,30 @@ def test_padded_targets_give_the_loss_and_gradients_of_the_ragged_ones(batch_and
         torch.testing.assert_close(a, b)
 
 
+def test_an_image_without_boxes_gives_finite_gradients_in_both_forms(batch_and_classes) -> None:
+    """Every anchor of a box-less image is background, its matched index clamps to padding row 0: that
+    row must be a harmless box (a zero box gave NaN gradients through the masked box loss)."""
+    batch, k = batch_and_classes
+    labels = batch.labels.clone()
+    labels[0] = -1
+    boxes = batch.boxes.clone()
+    boxes[0] = 0.0
+    ragged = [
+        {"boxes": boxes[i, :m], "labels": labels[i, :m]} for i, m in enumerate([0, *batch.num_boxes[1:].tolist()])
+    ]
+    for box_loss in ("smooth_l1", "giou"):
+        torch.manual_seed(0)
+        net, loss_fn, _ = build_retinanet(RetinaNetConfig(num_classes=k, backbone="resnet18", box_loss=box_loss))
+        grads = []
+        for targets in (ragged, {"boxes": boxes, "labels": labels}):
+            net.zero_grad(set_to_none=True)
+            loss_fn(net(batch.images), targets)["loss"].backward()
+            grads.append([p.grad.clone() for p in net.head.parameters()])
+        for a, b in zip(*grads, strict=True):
+            assert torch.isfinite(b).all(), box_loss
+            torch.testing.assert_close(b, a)
+
+
 def test_bad_padded_targets_are_refused(batch_and_classes) -> None:
     batch, k = batch_and_classes
     net, loss_fn = _model(k)
