@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from engine import collectives
 from engine.progress import ProgressLog
 from pipeline.batch import Batch
 
@@ -38,10 +38,7 @@ def compile_or_eager(
         text = str(e).strip()
         reason = f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
     net.zero_grad(set_to_none=True)
-    failed = torch.tensor([1.0 if reason else 0.0], device=images.device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # one rank failing: all run eagerly, in step
-    if not failed.item():
+    if not collectives.any_rank(bool(reason)):  # one rank failing: all run eagerly, in step
         return compiled
     if rank == 0:
         why = reason or "on another rank"

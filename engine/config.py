@@ -20,6 +20,7 @@ from model import RetinaNetConfig
 from pipeline.loader import LoaderConfig
 
 OPTIMIZERS = ("sgd", "adamw")
+ON_DIVERGENCE = ("stop", "rollback")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -63,8 +64,25 @@ class OptimConfig:
     compile_mode: str = "default"
     ddp_bucket_mb: float = 25.0  # DDP gradient bucket size (MiB): all-reduces start as buckets fill
     optimizer: str = "sgd"  # "adamw" for small demos
+    # A non-finite loss or gradient norm: "stop" ends the run naming the step and the last good checkpoint;
+    # "rollback" restores the last good state, skips the batches since, and goes on at lr x rollback_lr_factor
+    on_divergence: str = "stop"
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 3  # then it stops as with "stop"
+    # No step completed in this long (evaluation and checkpoint writes excluded): every rank dumps its Python
+    # stacks and the attempt fails, so the run restarts from its last checkpoint. 0: no watchdog
+    stall_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
+        if self.on_divergence not in ON_DIVERGENCE:
+            raise ValueError(f"optim.on_divergence={self.on_divergence!r} is not one of {list(ON_DIVERGENCE)}")
+        if not 0 < self.rollback_lr_factor <= 1 or self.max_rollbacks < 0:
+            raise ValueError(
+                f"need optim.rollback_lr_factor in (0, 1] and max_rollbacks >= 0, got {self.rollback_lr_factor}, "
+                f"{self.max_rollbacks}"
+            )
+        if self.stall_timeout_s < 0:
+            raise ValueError(f"optim.stall_timeout_s must be >= 0 (0: no watchdog), got {self.stall_timeout_s}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"optim.compile_mode={self.compile_mode!r} is not one of {list(COMPILE_MODES)}")
         if not self.ddp_bucket_mb > 0:
@@ -157,8 +175,11 @@ class CheckpointConfig:
     name: str = "retinanet"
     every: int = 1000  # steps
     keep_last: int = 3
-    keep_best: bool = True  # also keep the checkpoint with the best eval AP
+    keep_best: bool = True  # write the best model by eval AP to NAME/best/ (a checkpoint evaluate.py takes)
     max_failures: int = 3  # worker failures to recover from by restarting at the last checkpoint; -1: no limit
+    # SIGTERM (spot reclaim, node drain): every rank finishes its step, checkpoints, and the run restarts from
+    # that step; not counted in max_failures. -1: no limit
+    max_preemptions: int = -1
 
     def __post_init__(self) -> None:
         if not self.storage_path:
@@ -167,8 +188,11 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint.name must be a non-empty name without '/', got {self.name!r}")
         if self.every < 1 or self.keep_last < 1:
             raise ValueError(f"checkpoint.every and keep_last must be >= 1, got {self.every}, {self.keep_last}")
-        if self.max_failures < -1:
-            raise ValueError(f"checkpoint.max_failures must be >= -1 (-1: no limit), got {self.max_failures}")
+        if self.max_failures < -1 or self.max_preemptions < -1:
+            raise ValueError(
+                f"checkpoint.max_failures and max_preemptions must be >= -1 (-1: no limit), got {self.max_failures}, "
+                f"{self.max_preemptions}"
+            )
 
 
 @dataclass(kw_only=True)
@@ -189,6 +213,7 @@ class EvalConfig:
 class LogConfig:
     every: int = 20  # steps
     tensorboard: bool = True
+    verbose: bool = False  # also show Ray's own INFO messages (always in Ray's log files)
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -213,15 +238,6 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a {tp.__name__}, got {type(getattr(self, name)).__name__}")
         if not self.recipe:
             raise ValueError("recipe is empty: name the recipe this config came from")
-
-
-def __getattr__(name: str) -> Any:
-    # The recipes live in engine/recipes.py, which imports this module: loaded on first use, not at import.
-    if name in ("RECIPES", "get_recipe"):
-        from engine import recipes
-
-        return getattr(recipes, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- overrides and serialisation ---------------------------------------------------------------------------

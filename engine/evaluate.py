@@ -7,8 +7,8 @@ import json
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
+from engine import collectives
 from engine.coco_eval import coco_evaluate, detections_to_coco, merge_results
 from pipeline import storage
 from pipeline.loader import Dataset, DetectionLoader, LoaderConfig
@@ -68,11 +68,7 @@ def evaluate(
         if limit is not None and len(image_ids) >= limit:
             break
     net.train(was_training)
-    if world_size > 1:
-        parts: list = [None] * world_size
-        dist.all_gather_object(parts, (results, image_ids))
-    else:
-        parts = [(results, image_ids)]
+    parts = collectives.gather_objects((results, image_ids))
     all_ids = sorted({i for _, ids in parts for i in ids})
     metrics = None
     if rank == 0:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,17 +47,14 @@ class Predictor:
 
 
 def load_predictor(uri: str, workdir: Path, device: str = "cpu") -> Predictor:
-    """``uri``: a checkpoint directory (local or s3://). ``ValueError`` if it is not one."""
+    """``uri``: a complete checkpoint (local or s3://; a checkpoint folder, a run's ``best/``, or a run folder for
+    its newest checkpoint). ``ValueError`` if it is not one, is incomplete, or needs unsafe unpickling."""
     directory = ckpt.fetch(uri, workdir)
-    config = json.loads((directory / ckpt.CONFIG).read_text())
-    cfg = from_dict(config)
+    cfg = from_dict(ckpt.read_config(directory))
     net, _, postprocess = build_retinanet(cfg.model)
-    ckpt.load(directory, net)
-    categories_file = directory / ckpt.CATEGORIES
-    categories = (
-        json.loads(categories_file.read_text())
-        if categories_file.exists()
-        else [{"id": i + 1, "name": f"class {i}", "label": i} for i in range(cfg.model.num_classes)]
-    )
+    ckpt.load_weights(directory, net)
+    categories = ckpt.read_categories(directory) or [
+        {"id": i + 1, "name": f"class {i}", "label": i} for i in range(cfg.model.num_classes)
+    ]
     dev = torch.device(device)
     return Predictor(cfg, net.to(dev).eval(), postprocess, categories, dev)

@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from engine.config import TrainConfig, apply_overrides, from_dict, to_dict
-from engine.driver import absolute, build_trainer, check_shared_storage, init_ray, preflight, storage_path
+from engine.driver import absolute, check_shared_storage, fit, init_ray, preflight, storage_path
+from engine.recipes import get_recipe
 from engine.spaces import Param, as_override, resolve
 from pipeline import storage
 
@@ -62,8 +63,6 @@ class SearchConfig:
 
 
 def base_config(search: SearchConfig) -> TrainConfig:
-    from engine.config import get_recipe
-
     cfg = apply_overrides(get_recipe(search.recipe), search.overrides)
     if not cfg.data.val_uri:
         raise ValueError(f"a search ranks trials by validation {METRIC}: set data.val_uri")
@@ -109,7 +108,7 @@ def run_trial(config: dict[str, Any], base: dict, runs_uri: str) -> None:
     overrides = [as_override(k, v) for k, v in config.items()]
     where = [f"checkpoint.storage_path={runs_uri}", f"checkpoint.name={trial_id}"]
     cfg = apply_overrides(from_dict(base), [*overrides, *where])
-    build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()  # raises if the run failed: the trial errors
+    fit(cfg, callbacks=lambda: [TuneReportCallback()])  # raises if the run failed: the trial errors
 
 
 def _dirname(trial) -> str:
@@ -205,7 +204,7 @@ def run_search(search: SearchConfig, resume: bool = False) -> SearchOutcome:
         before = {**json.loads(storage.read_bytes(saved)), "max_concurrent": None}
         if before != record:
             raise ValueError(f"--resume must repeat the search's arguments; it was started with {before}")
-    init_ray()
+    init_ray(cfg.log.verbose)
     check_shared_storage(cfg)
     concurrency = search.max_concurrent or max_concurrent_trials(trial_resources(cfg), ray.cluster_resources())
     if not resume:

@@ -21,7 +21,8 @@ def train_step(
     """Forward, loss, backward, (clip), optimizer update on ``batch`` (already on the model's device).
 
     Returns the loss dict with tensors still on the device (``loss``, ``loss_cls``, ``loss_box`` scalars,
-    ``num_foreground``); reading them is left to the logging steps. The targets go to the loss in their
+    ``num_foreground``, and ``grad_norm``: the gradients' total 2-norm before clipping, for the divergence
+    guard); reading them is left to the logging steps. The targets go to the loss in their
     padded form and ``loss_fn`` should not check them (the loader validated them on the host), so the
     step holds no ``.item()``, no data-dependent shape and no device-to-host copy.
     """
@@ -31,6 +32,8 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
     if clip_grad_norm:
-        torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     optimizer.step()
-    return losses
+    return {**losses, "grad_norm": grad_norm}

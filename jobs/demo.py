@@ -20,7 +20,8 @@ import time
 
 import _bootstrap
 
-from engine.config import apply_overrides, get_recipe
+from engine.config import apply_overrides
+from engine.recipes import get_recipe
 
 DATA = _bootstrap.ROOT / "data" / "demo"
 RUNS = _bootstrap.ROOT / "runs"
@@ -56,23 +57,33 @@ def main() -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}" if args.fresh else "demo"
-    cfg = apply_overrides(
-        get_recipe("demo"),
-        [f"data.train_uri={DATA / 'train'}", f"data.val_uri={DATA / 'val'}", f"checkpoint.storage_path={RUNS}",
-         f"checkpoint.name={name}", *args.overrides],
-    )  # fmt: skip
+    try:
+        cfg = apply_overrides(
+            get_recipe("demo"),
+            [f"data.train_uri={DATA / 'train'}", f"data.val_uri={DATA / 'val'}", f"checkpoint.storage_path={RUNS}",
+             f"checkpoint.name={name}", *args.overrides],
+        )  # fmt: skip
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     prepare_data()
     from engine.coco_eval import format_metrics_table
     from engine.driver import log_dir, run
+    from engine.errors import TrainingError
+    from pipeline.storage import StorageError
 
     start = time.perf_counter()
     print(
         f"training '{cfg.recipe}' with {cfg.scaling.num_workers} Ray workers on the CPU for {cfg.optim.max_iters} steps"
     )
-    result = run(cfg)
-    if result.error:
-        print(f"training failed: {result.error}", file=sys.stderr)
-        return 1
+    try:
+        result = run(cfg)
+    except (ValueError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     metrics = result.metrics or {}
     logs = log_dir(cfg)
     print(f"\nfinished step {metrics.get('step')} in {(time.perf_counter() - start) / 60:.1f} min")

@@ -15,7 +15,8 @@ import sys
 
 import _bootstrap  # noqa: F401
 
-from engine.config import RECIPES, apply_overrides, get_recipe, storage_default
+from engine.config import apply_overrides, storage_default
+from engine.recipes import RECIPES, get_recipe
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -24,13 +25,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field by dotted key, e.g. optim.base_lr=0.02 (repeatable)")  # fmt: skip
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ap.add_argument("--verbose", action="store_true", help="also show Ray's own messages (same as log.verbose=true)")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = apply_overrides(get_recipe(args.recipe), storage_default(args.overrides))
+        verbose = ["log.verbose=true"] if args.verbose else []
+        cfg = apply_overrides(get_recipe(args.recipe), storage_default([*args.overrides, *verbose]))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -40,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(to_dict(cfg), indent=1))
         return 0
     from engine.driver import log_dir, run
+    from engine.errors import TrainingError
     from pipeline.storage import StorageError
 
     try:
@@ -47,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if result.error:
-        print(f"training failed: {result.error}", file=sys.stderr)
-        return 1
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     metrics = result.metrics or {}
     print(
         f"\nfinished at step {metrics.get('step')}; checkpoint: {result.checkpoint.path if result.checkpoint else None}"

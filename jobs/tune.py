@@ -19,7 +19,7 @@ import sys
 
 import _bootstrap  # noqa: F401
 
-from engine.config import RECIPES
+from engine.recipes import RECIPES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -35,4 +35,4 @@ def build_retinanet(cfg: RetinaNetConfig) -> tuple[RetinaNet, RetinaNetLoss, Pos
     if cfg.backbone_norm == "sync_bn":
         # Only swaps module types; the statistics sync once a process group exists (DDP training).
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    return net, RetinaNetLoss(cfg), PostProcess(cfg)
+    return net, RetinaNetLoss.from_config(cfg), PostProcess(cfg)

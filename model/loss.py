@@ -24,11 +24,43 @@ class RetinaNetLoss(torch.nn.Module):
     ``per_image``: each image by its own count, then the mean over images (torchvision).
     """
 
-    def __init__(self, cfg: RetinaNetConfig, check_inputs: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        focal_alpha: float,
+        focal_gamma: float,
+        fg_iou_thresh: float,
+        bg_iou_thresh: float,
+        allow_low_quality_matches: bool,
+        box_loss: str,
+        smooth_l1_beta: float,
+        loss_normalization: str,
+        box_coder: BoxCoder,
+        check_inputs: bool = True,
+    ) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.box_coder = BoxCoder(cfg.box_coder_weights, cfg.box_clamp)
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.fg_iou_thresh, self.bg_iou_thresh = fg_iou_thresh, bg_iou_thresh
+        self.allow_low_quality_matches = allow_low_quality_matches
+        self.box_loss, self.smooth_l1_beta, self.loss_normalization = box_loss, smooth_l1_beta, loss_normalization
+        self.box_coder = box_coder
         self.check_inputs = check_inputs
+
+    @classmethod
+    def from_config(cls, cfg: RetinaNetConfig, check_inputs: bool = True) -> RetinaNetLoss:
+        """The loss with the matching, focal and box-loss settings of ``cfg`` (validated there)."""
+        return cls(
+            focal_alpha=cfg.focal_alpha,
+            focal_gamma=cfg.focal_gamma,
+            fg_iou_thresh=cfg.fg_iou_thresh,
+            bg_iou_thresh=cfg.bg_iou_thresh,
+            allow_low_quality_matches=cfg.allow_low_quality_matches,
+            box_loss=cfg.box_loss,
+            smooth_l1_beta=cfg.smooth_l1_beta,
+            loss_normalization=cfg.loss_normalization,
+            box_coder=BoxCoder(cfg.box_coder_weights, cfg.box_clamp),
+            check_inputs=check_inputs,
+        )
 
     def forward(
         self, outputs: Outputs, targets: list[dict[str, torch.Tensor]] | dict[str, torch.Tensor]
@@ -43,9 +75,8 @@ class RetinaNetLoss(torch.nn.Module):
             boxes, labels, valid = pad_targets(targets, n, cls_logits.device)
         if self.check_inputs:
             check_targets(boxes, labels, valid, k, outputs["image_size"])
-        cfg = self.cfg
         matches = match_anchors(
-            boxes, valid, anchors, cfg.fg_iou_thresh, cfg.bg_iou_thresh, cfg.allow_low_quality_matches
+            boxes, valid, anchors, self.fg_iou_thresh, self.bg_iou_thresh, self.allow_low_quality_matches
         )  # [N, A]
         fg = matches >= 0
         counted = matches != IGNORE
@@ -55,9 +86,10 @@ class RetinaNetLoss(torch.nn.Module):
 
         # Every counted anchor contributes its all-negative loss; foreground anchors then swap the term of
         # their class for the positive one. Avoids a one-hot [N, A, K] target.
-        neg_sum = negative_focal_sum(cls_logits, cfg.focal_alpha, cfg.focal_gamma)  # [N, A]
+        alpha, gamma = self.focal_alpha, self.focal_gamma
+        neg_sum = negative_focal_sum(cls_logits, alpha, gamma)  # [N, A]
         x_true = cls_logits.gather(2, matched_labels[..., None]).squeeze(2)  # [N, A]
-        neg_true, pos_true = focal_loss_terms(x_true, cfg.focal_alpha, cfg.focal_gamma)
+        neg_true, pos_true = focal_loss_terms(x_true, alpha, gamma)
         cls_per_anchor = torch.where(fg, neg_sum - neg_true + pos_true, neg_sum)
         cls_per_image = torch.where(counted, cls_per_anchor, 0.0).sum(dim=1)  # [N]
 
@@ -66,7 +98,7 @@ class RetinaNetLoss(torch.nn.Module):
 
         num_fg_per_image = fg.sum(dim=1)
         num_fg = num_fg_per_image.sum()
-        if cfg.loss_normalization == "batch":
+        if self.loss_normalization == "batch":
             norm = num_fg.clamp(min=1).to(cls_per_image.dtype)
             loss_cls, loss_box = cls_per_image.sum() / norm, box_per_image.sum() / norm
         else:
@@ -76,12 +108,12 @@ class RetinaNetLoss(torch.nn.Module):
 
     def _box_loss(self, deltas: torch.Tensor, anchors: torch.Tensor, matched: torch.Tensor) -> torch.Tensor:
         """``[N, A, 4]`` predictions and matched boxes -> ``[N, A]`` loss per anchor (garbage off foreground)."""
-        kind = self.cfg.box_loss
+        kind = self.box_loss
         if kind == "giou":
             return generalized_box_iou_loss(self.box_coder.decode(deltas, anchors), matched, reduction="none")
         target = self.box_coder.encode(matched, anchors)
         diff = (deltas - target).abs()
-        beta = self.cfg.smooth_l1_beta
+        beta = self.smooth_l1_beta
         if kind == "smooth_l1" and beta > 0:
             diff = torch.where(diff < beta, 0.5 * diff * diff / beta, diff - 0.5 * beta)
         return diff.sum(dim=-1)

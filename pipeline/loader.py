@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from pipeline import format as fmt
-from pipeline import storage
+from pipeline import relayout, storage
 from pipeline.batch import Batch
 from pipeline.dali import AugmentConfig, detection_pipeline
 from pipeline.reader import Sample, ShardStream
@@ -131,13 +131,32 @@ class DetectionLoader:
         return {**self._layout, "streams": [dict(s) for s in self._state]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resumes this rank at ``state`` (its own ``state_dict()``, saved with the same layout)."""
         layout = {k: state.get(k) for k in self._layout}
         if layout != self._layout:
-            epoch = max(s["epoch"] for s in state["streams"])
-            log.warning("data position saved with %s, now %s: restarting epoch %d from its start", layout,
-                        self._layout, epoch)  # fmt: skip
-            state = {"streams": [{"epoch": epoch, "shard": 0, "done": {}} for _ in self.streams]}
-        for stream, s in zip(self.streams, state["streams"], strict=True):
+            raise ValueError(f"data position saved with {layout}, this loader is {self._layout}: use resume()")
+        self._load_streams(state["streams"])
+
+    def resume(self, positions: list[dict]) -> bool:
+        """Resumes from every old rank's ``state_dict()`` (``positions[r]`` = rank ``r``). Same layout: this
+        rank's own position. Another number of ranks or workers: all ranks resume one epoch with its shards
+        split afresh (``pipeline.relayout``); returns True then."""
+        if not positions:
+            return False
+        world_size, workers, rank = (self._layout[k] for k in ("world_size", "workers", "rank"))
+        if relayout.layout(positions[0]) == (world_size, workers) and len(positions) == world_size:
+            self.load_state_dict(positions[rank])
+            return False
+        shards, seed = self.dataset.shards, self.cfg.seed
+        states = relayout.stream_states(positions, shards, seed, rank, world_size, workers)
+        log.warning("data position saved by %d ranks x %d workers, now %d x %d: every rank resumes epoch %d with "
+                    "its shards split afresh", *relayout.layout(positions[0]), world_size, workers,
+                    states[0]["epoch"])  # fmt: skip
+        self._load_streams(states)
+        return True
+
+    def _load_streams(self, states: list[dict]) -> None:
+        for stream, s in zip(self.streams, states, strict=True):
             stream.load_state_dict(s)
         self._state = [s.state_dict() for s in self.streams]
 

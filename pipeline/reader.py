@@ -41,18 +41,20 @@ class Sample:
 @dataclass
 class Position:
     """Where one stream is: the epoch, the first shard of that epoch's list with samples not yet handed
-    out, and per shard from there on the keys already handed out (skipped when resuming)."""
+    out, per shard from there on the keys already handed out (skipped when resuming), and the names of
+    shards to skip whole (finished by the readers of another layout: ``pipeline.relayout``)."""
 
     epoch: int = 0
     shard: int = 0
     done: dict[int, list[str]] = field(default_factory=dict)
+    skip: list[str] = field(default_factory=list)
 
 
 class _Progress:
     """Follows one epoch: samples read but not handed out (in the shuffle buffer), per shard."""
 
     def __init__(self, start: Position) -> None:
-        self.epoch, self.first = start.epoch, start.shard
+        self.epoch, self.first, self.skip = start.epoch, start.shard, list(start.skip)
         self.done = {int(k): list(v) for k, v in start.done.items()}
         self.pending: Counter[int] = Counter()
         self.fully_read: set[int] = set()
@@ -75,7 +77,7 @@ class _Progress:
             self.first += 1
 
     def position(self) -> Position:
-        return Position(self.epoch, self.first, {s: list(keys) for s, keys in self.done.items()})
+        return Position(self.epoch, self.first, {s: list(keys) for s, keys in self.done.items()}, list(self.skip))
 
 
 def shards_for(shards: list[str], group: int, num_groups: int, epoch: int, seed: int, train: bool) -> list[str]:
@@ -128,11 +130,13 @@ class ShardStream:
     def state_dict(self) -> dict:
         """JSON-able position after the last sample handed out."""
         pos = self._progress.position() if self._progress else self._start
-        return {"epoch": pos.epoch, "shard": pos.shard, "done": {str(s): k for s, k in pos.done.items()}}
+        state = {"epoch": pos.epoch, "shard": pos.shard, "done": {str(s): k for s, k in pos.done.items()}}
+        return {**state, "skip": list(pos.skip)} if pos.skip else state
 
     def load_state_dict(self, state: dict) -> None:
         done = {int(s): list(keys) for s, keys in state["done"].items()}
-        self._start, self._progress = Position(int(state["epoch"]), int(state["shard"]), done), None
+        skip = [str(name) for name in state.get("skip", [])]
+        self._start, self._progress = Position(int(state["epoch"]), int(state["shard"]), done, skip), None
 
     def __iter__(self) -> Iterator[Sample]:
         while True:
@@ -154,6 +158,9 @@ class ShardStream:
             return sample
 
         for shard in range(start.shard, len(shard_list)):
+            if shard_list[shard] in start.skip:
+                progress.finished(shard)
+                continue
             for sample in self._read_shard(shard_list[shard]):
                 if sample.key in skip:
                     continue

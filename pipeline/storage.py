@@ -89,6 +89,19 @@ def write_bytes(uri: str, data: bytes) -> None:
     with_retries("writing", uri, lambda: fs.pipe_file(path, data))
 
 
+def delete(uri: str) -> None:
+    """Removes the object (or local file) at ``uri``; nothing happens if there is none."""
+    fs, path = filesystem(uri)
+
+    def remove() -> None:
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+
+    with_retries("deleting", uri, remove)
+
+
 def size(uri: str) -> int | None:
     """The size of the object at ``uri``, or ``None`` if there is none (one metadata request)."""
     fs, path = filesystem(uri)

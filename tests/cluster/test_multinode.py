@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from engine import checkpoint as ckpt
-from engine.config import apply_overrides, get_recipe
+from engine.config import apply_overrides
 from engine.driver import log_dir, run
+from engine.recipes import get_recipe
 from pipeline import storage
 from pipeline.loader import open_dataset
 from tests.engine.test_train import data  # noqa: F401  (fixture)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from engine.compiling import compile_or_eager
-from engine.config import apply_overrides, get_recipe
+from engine.config import apply_overrides
 from engine.progress import ProgressLog
+from engine.recipes import get_recipe
 from model import build_retinanet
 from pipeline.batch import Batch
 
@@ -32,7 +33,7 @@ def _setup(tmp_path):
         num_boxes=torch.tensor([2, 2]),
         flipped=torch.tensor([False, False]),
     )
-    log = ProgressLog(cfg, 0, 1, tmp_path, history=[], start_step=0)
+    log = ProgressLog(cfg, 0, tmp_path, history=[], start_step=0)
     return net, loss_fn, batch, log
 
 

@@ -9,7 +9,6 @@ import re
 import pytest
 
 from engine.config import (
-    RECIPES,
     CheckpointConfig,
     DataConfig,
     EvalConfig,
@@ -19,9 +18,9 @@ from engine.config import (
     TrainConfig,
     apply_overrides,
     from_dict,
-    get_recipe,
     to_dict,
 )
+from engine.recipes import RECIPES, get_recipe
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import apply_overrides, get_recipe
+from engine.config import apply_overrides
 from engine.driver import preflight
+from engine.recipes import get_recipe
 from pipeline import storage
 from tests.pipeline.shard_util import tar_bytes, write_dataset
 

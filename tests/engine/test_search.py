@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import apply_overrides, format_override, get_recipe
+from engine.config import apply_overrides, format_override
+from engine.recipes import get_recipe
 from engine.search import SearchConfig, max_concurrent_trials, trial_resources
 from engine.search_report import (
     ERROR,

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from engine import checkpoint as ckpt
-from engine.config import apply_overrides, get_recipe
+from engine.config import apply_overrides
 from engine.driver import log_dir, run
+from engine.recipes import get_recipe
 from pipeline import storage
 from pipeline.coco import load_coco
 from pipeline.shards import ShardOptions, write_shards

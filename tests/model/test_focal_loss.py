@@ -53,7 +53,7 @@ def _one_anchor_outputs(logits: list[float], delta: list[float]) -> dict:
 @pytest.mark.parametrize("gamma", [0.0, 2.0])
 def test_loss_by_hand_one_foreground_anchor(gamma: float) -> None:
     cfg = model.RetinaNetConfig(num_classes=3, focal_gamma=gamma, box_loss="smooth_l1", smooth_l1_beta=0.1)
-    loss_fn = model.RetinaNetLoss(cfg)
+    loss_fn = model.RetinaNetLoss.from_config(cfg)
     out = _one_anchor_outputs([0.5, -1.0, 2.0], [0.05, -0.3, 0.0, 0.0])
     targets = [{"boxes": torch.tensor([[0.0, 0.0, 32.0, 32.0]]), "labels": torch.tensor([1])}]
     got = loss_fn(out, targets)
@@ -66,7 +66,7 @@ def test_loss_by_hand_one_foreground_anchor(gamma: float) -> None:
 
 
 def test_image_without_boxes_has_only_negatives() -> None:
-    loss_fn = model.RetinaNetLoss(model.RetinaNetConfig(num_classes=3))
+    loss_fn = model.RetinaNetLoss.from_config(model.RetinaNetConfig(num_classes=3))
     out = _one_anchor_outputs([0.5, -1.0, 2.0], [0.0] * 4)
     got = loss_fn(out, [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}])
     expected = sum(_formula(x, 0, 0.25, 2.0) for x in [0.5, -1.0, 2.0, -2.0, -2.0, -2.0])
@@ -76,7 +76,7 @@ def test_image_without_boxes_has_only_negatives() -> None:
 
 @pytest.mark.parametrize("kind", ["l1", "giou"])
 def test_box_loss_options(kind: str) -> None:
-    loss_fn = model.RetinaNetLoss(model.RetinaNetConfig(num_classes=3, box_loss=kind))
+    loss_fn = model.RetinaNetLoss.from_config(model.RetinaNetConfig(num_classes=3, box_loss=kind))
     out = _one_anchor_outputs([0.0] * 3, [0.0] * 4)  # predicted box = anchor 0
     targets = [{"boxes": torch.tensor([[0.0, 0.0, 32.0, 28.0]]), "labels": torch.tensor([0])}]
     got = loss_fn(out, targets)["loss_box"].item()

@@ -45,8 +45,10 @@ def test_head_outputs_anchors_and_loss_match(version: str) -> None:
     with torch.no_grad():
         tv_head, tv_anchors = _tv_forward(tv, images)
         out = net(images)
-    torch.testing.assert_close(out["cls_logits"], tv_head["cls_logits"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(out["bbox_deltas"], tv_head["bbox_regression"], atol=1e-5, rtol=0)
+    # Folding frozen BN into the convolutions rounds differently from conv-then-BN: float32 ulps of the
+    # logits (about -4.6 at the prior), which vary with the CPU's kernels (1.7e-5 seen on one AMD EPYC).
+    torch.testing.assert_close(out["cls_logits"], tv_head["cls_logits"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["bbox_deltas"], tv_head["bbox_regression"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out["anchors"], tv_anchors[0], atol=0, rtol=0)
 
     targets = _targets(256, g)
