@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -49,13 +50,24 @@ def init_ray(verbose: bool = False) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], **options)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # an embedded head on loopback only
+    # Ray Train's actors find the state API by auto-detection, which fails when another Ray runs on this
+    # machine ("Found multiple active Ray instances"): name this head's dashboard to them.
+    dashboard = _free_port()
+    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
     ray.init(
         _node_ip_address="127.0.0.1",
         dashboard_host="127.0.0.1",
+        dashboard_port=dashboard,
         num_cpus=max(os.cpu_count() or 1, 4),  # logical CPUs: room for the trainer's own actors
         log_to_driver=True,
         **options,
     )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def preflight(cfg: TrainConfig) -> None:

@@ -194,6 +194,11 @@ class ShardStream:
                         members = {}
                     current = key
                     members[ext] = tar.extractfile(info).read()
+        except FileNotFoundError as e:  # deleted after the start (storage.MissingObject, or a local path)
+            raise ValueError(
+                f"shard {uri} is missing ({e}): it was in the dataset's manifest when the run started. Restore it, "
+                "or reconvert the dataset and start a new run"
+            ) from None
         except (tarfile.TarError, EOFError, OSError) as e:
             if isinstance(e, storage.StorageError):
                 raise

@@ -26,6 +26,10 @@ class StorageError(OSError):
     """Storage could not be reached or read after retries; the message names the URI and what to check."""
 
 
+class MissingObject(StorageError, FileNotFoundError):
+    """The object is not there: not retried (waiting does not bring it back)."""
+
+
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """``(filesystem, path inside it)`` for a URI; plain paths are local."""
     options: dict[str, object] = {}
@@ -55,9 +59,11 @@ def with_retries(what: str, uri: str, fn: Callable[[], T], attempts: int = RETRY
     for attempt in range(1, attempts + 1):
         try:
             return fn()
+        except FileNotFoundError as e:
+            raise MissingObject(_explain(what, uri, e, attempt)) from e
         except Exception as e:  # s3fs/aiobotocore raise many types: connection, timeout, client errors
             if attempt == attempts:
-                raise StorageError(_explain(what, uri, e)) from e
+                raise StorageError(_explain(what, uri, e, attempt)) from e
             log.warning("%s %s failed (%s: %s); retry %d/%d in %.1fs", what, uri, type(e).__name__, e, attempt,
                         attempts - 1, delay)  # fmt: skip
             time.sleep(delay)
@@ -162,11 +168,12 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in protocols
 
 
-def _explain(what: str, uri: str, error: Exception) -> str:
+def _explain(what: str, uri: str, error: Exception, attempts: int) -> str:
     hint = ""
     if uri.startswith("s3://"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS default"
         hint = f" Check the endpoint ({endpoint}; set AWS_ENDPOINT_URL), the credentials and that the bucket exists."
     elif isinstance(error, FileNotFoundError):
         hint = " Check the path."
-    return f"{what} {uri} failed after {RETRY_ATTEMPTS} attempts: {type(error).__name__}: {error}.{hint}"
+    tries = f"after {attempts} attempts" if attempts > 1 else "at once"
+    return f"{what} {uri} failed {tries}: {type(error).__name__}: {error}.{hint}"

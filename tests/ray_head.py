@@ -26,6 +26,7 @@ def ray_head(num_cpus: int = 4) -> Iterator[tuple[str, dict[str, str]]]:
     temp_dir = Path("/tmp") / f"rayjob-{os.getpid()}-{time.time_ns() % 10**8}"  # short: socket paths are limited
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_API_SERVER_ADDRESS", None)  # it would override --address
     port, dashboard, agent, client, metrics = (free_port() for _ in range(5))
     head = [
         RAY,
