@@ -21,6 +21,7 @@ class Predictor:
     postprocess: torch.nn.Module
     categories: list[dict]
     device: torch.device
+    uri: str  # the checkpoint it was loaded from
 
     @property
     def class_names(self) -> list[str]:
@@ -49,6 +50,7 @@ class Predictor:
 def load_predictor(uri: str, workdir: Path, device: str = "cpu") -> Predictor:
     """``uri``: a complete checkpoint (local or s3://; a checkpoint folder, a run's ``best/``, or a run folder for
     its newest checkpoint). ``ValueError`` if it is not one, is incomplete, or needs unsafe unpickling."""
+    uri = ckpt.resolve(uri)
     directory = ckpt.fetch(uri, workdir)
     cfg = from_dict(ckpt.read_config(directory))
     net, _, postprocess = build_retinanet(cfg.model)
@@ -57,4 +59,4 @@ def load_predictor(uri: str, workdir: Path, device: str = "cpu") -> Predictor:
         {"id": i + 1, "name": f"class {i}", "label": i} for i in range(cfg.model.num_classes)
     ]
     dev = torch.device(device)
-    return Predictor(cfg, net.to(dev).eval(), postprocess, categories, dev)
+    return Predictor(cfg, net.to(dev).eval(), postprocess, categories, dev, uri)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from engine.config import TrainConfig
+from engine.errors import TrainingError
 from engine.spaces import Param, as_override
 from pipeline import storage
 
@@ -212,5 +213,7 @@ def _cell(value: Any, metric: bool = False) -> str:
 
 def _first_line(error: BaseException) -> str:
     lines = [line for line in str(error).splitlines() if line.strip()]
-    # Ray wraps the worker's exception; its last line names the real cause.
-    return (lines[-1] if lines else type(error).__name__)[:300]
+    # Ray wraps the trial's exception; its last line names the real cause. The driver's TrainingError already
+    # says what went wrong in words (the worker's error message): its class name is noise.
+    last = lines[-1] if lines else type(error).__name__
+    return last.removeprefix(f"{TrainingError.__module__}.{TrainingError.__name__}: ")[:300]

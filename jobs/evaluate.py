@@ -14,10 +14,18 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 
+CHECKPOINT_HELP = (
+    "a checkpoint_NNNNNNNN folder, a run's best/, or a run (its newest complete checkpoint); local or s3://"
+)
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="a checkpoint_NNNNNNNN directory (local or s3://)")
+    ap.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint_NNNNNNNN folder, a run's best/, or a run folder (its newest complete checkpoint); local or s3://",
+    )
     ap.add_argument("--data", required=True, help="a converted dataset (folder or URI with manifest.json)")
     ap.add_argument("--output", type=Path, help="metrics JSON (default: print only)")
     ap.add_argument("--max-images", type=int)
@@ -47,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{result.num_images} images\n{format_metrics_table(result.metrics)}")
+    print(f"{predictor.uri}: {result.num_images} images\n{format_metrics_table(result.metrics)}")
     if args.output:
         args.output.write_text(
             json.dumps({"checkpoint": args.checkpoint, "data": args.data, **result.metrics}, indent=1)

@@ -13,12 +13,20 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 
+CHECKPOINT_HELP = (
+    "a checkpoint_NNNNNNNN folder, a run's best/, or a run (its newest complete checkpoint); local or s3://"
+)
+
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="a checkpoint_NNNNNNNN directory (local or s3://)")
+    ap.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint_NNNNNNNN folder, a run's best/, or a run folder (its newest complete checkpoint); local or s3://",
+    )
     ap.add_argument("--images", type=Path, required=True, help="a folder of images")
     ap.add_argument("--output", type=Path, required=True)
     ap.add_argument("--score-thresh", type=float, default=0.3)

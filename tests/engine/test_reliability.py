@@ -146,3 +146,67 @@ def test_a_stalled_rank_trips_the_watchdog_and_the_run_restarts(data, ray_local,
     text = "".join(p.read_text() for p in stacks)
     assert "no training step completed" in text and "_data_source_stalls" in text
     assert [e["step"] for e in _events(cfg, "resumed")] == [5]
+
+
+def _train_workers(root_pid: int) -> list[int]:
+    import psutil
+
+    found = []
+    for proc in psutil.Process(root_pid).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                found.append(proc.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def _wait_for_step(jsonl: Path, job: subprocess.Popen, step: int, timeout: float = 240) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and job.poll() is None:
+        lines = jsonl.read_text().splitlines() if jsonl.exists() else []
+        if any(json.loads(line).get("step", 0) >= step and "loss" in json.loads(line) for line in lines):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} was never logged in {jsonl}")
+
+
+def test_sigterm_checkpoints_its_step_and_the_job_output_is_ours(data, s3_bucket, tmp_path) -> None:  # noqa: F811
+    """A spot reclaim: SIGTERM to one worker process. Every rank finishes that step and checkpoints it, the
+    run restarts from exactly there (max_failures=0: no failure is spent) and completes. The job's output
+    (data in the S3 server) has our progress and evaluation lines, and none of Ray's or botocore's chatter."""
+    import os
+    import signal
+
+    from pipeline.coco import load_coco
+    from pipeline.shards import ShardOptions, write_shards
+
+    raw = Path(data["train"]).parent.parent / "raw" / "train"
+    train = f"{s3_bucket}/train"
+    options = ShardOptions(shard_images=8, progress=False)
+    write_shards(load_coco(raw / "annotations.json"), raw / "images", train, options)
+    sets = [f"data.train_uri={train}", f"data.val_uri={data['val']}", f"checkpoint.storage_path={tmp_path}",
+            "checkpoint.name=sigterm", "checkpoint.max_failures=0", "checkpoint.every=1000", "optim.max_iters=16",
+            "optim.steps=[14]", "log.every=1", "eval.every=0", "eval.max_images=4"]  # fmt: skip
+    command = [sys.executable, "jobs/train.py", "--recipe", "tiny_cpu", *[a for s in sets for a in ("--set", s)]]
+    job = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_step(tmp_path / "sigterm" / "metrics.jsonl", job, 5)
+        workers = _train_workers(job.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[-1], signal.SIGTERM)
+        out, _ = job.communicate(timeout=600)
+    finally:
+        job.kill()
+    assert job.returncode == 0, out[-3000:]
+    history = [json.loads(line) for line in (tmp_path / "sigterm" / "metrics.jsonl").read_text().splitlines()]
+    (preempted,) = [h for h in history if h.get("event") == "preempted"]
+    resumed = [h for h in history if h.get("event") == "resumed"]
+    assert preempted["step"] - preempted["signal_step"] in (0, 1), preempted
+    assert [r["step"] for r in resumed] == [preempted["step"]], "the run resumes at the step SIGTERM came in"
+    assert [h["step"] for h in history if "loss" in h][-1] == 16
+    for line in ("Reporting training result", "PreemptionWatcher", "Found credentials", "INFO", "Traceback"):
+        assert line not in out, f"{line!r} in the job's output:\n{out[-3000:]}"
+    assert "step 16/16 | loss" in out and "evaluation at step 16" in out and "preempted: checkpoint at step" in out
