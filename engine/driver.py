@@ -1,4 +1,5 @@
-"""The driver: checks what can be checked before any worker starts, then runs one ``TorchTrainer``.
+"""The driver: checks what can be checked before any worker starts, then runs ``TorchTrainer`` attempts until
+the run is done, restarting after failures and preemptions and stopping at once for errors no restart fixes.
 ``jobs/train.py`` calls it for one run and ``jobs/tune.py`` once per trial: one code path for both."""
 
 from __future__ import annotations
@@ -6,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +26,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from engine import checkpoint as ckpt
 from engine.config import TrainConfig, to_dict
-from engine.errors import TrainingError, exit_code, is_final
+from engine.errors import EXIT_USER_ERROR, TrainingError, exit_code, is_final
 from engine.faults import Faults
 from engine.loop import train_loop_per_worker
 from engine.preemption import SigtermCallback
@@ -138,6 +140,19 @@ def run(cfg: TrainConfig, faults: Faults | None = None) -> Result:
     return fit(cfg, faults=faults)
 
 
+def run_job(cfg: TrainConfig) -> Result | int:
+    """``run(cfg)`` for the jobs: the result, or the exit code after printing ``error: ...`` for every error
+    a user can act on (bad config or data: 2; storage unreachable: 2; the run failed for good: its code)."""
+    try:
+        return run(cfg)
+    except (ValueError, storage.StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
 def fit(cfg: TrainConfig, callbacks: Callable[[], list] | None = None, faults: Faults | None = None) -> Result:
     """Attempts until the run reaches ``max_iters``. Each attempt resumes from the run's latest checkpoint. A
     preempted attempt (SIGTERM: it checkpointed and stopped) starts again, up to ``checkpoint.max_preemptions``;
@@ -176,7 +191,9 @@ def describe_failure(error: TrainingFailedError) -> tuple[str, BaseException | N
         lines.append(f"rank {rank}: {type(cause).__name__}: {_first_line(cause)}")
     if final is not None:
         return str(final), final
-    return "training attempt failed: " + ("; ".join(lines) if lines else _first_line(error)), None
+    died = any(not hasattr(f, "_base_exc") for f in failures.values())
+    hint = " (a worker process ended: its last lines above say why, e.g. the stall watchdog's stacks)" if died else ""
+    return "training attempt failed: " + ("; ".join(lines) if lines else _first_line(error)) + hint, None
 
 
 def _first_line(error: BaseException) -> str:

@@ -68,22 +68,15 @@ def main() -> int:
         return 2
     prepare_data()
     from engine.coco_eval import format_metrics_table
-    from engine.driver import log_dir, run
-    from engine.errors import TrainingError
-    from pipeline.storage import StorageError
+    from engine.driver import log_dir, run_job
 
     start = time.perf_counter()
     print(
         f"training '{cfg.recipe}' with {cfg.scaling.num_workers} Ray workers on the CPU for {cfg.optim.max_iters} steps"
     )
-    try:
-        result = run(cfg)
-    except (ValueError, StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    result = run_job(cfg)
+    if isinstance(result, int):
+        return result
     metrics = result.metrics or {}
     logs = log_dir(cfg)
     print(f"\nfinished step {metrics.get('step')} in {(time.perf_counter() - start) / 60:.1f} min")

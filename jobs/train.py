@@ -42,18 +42,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(to_dict(cfg), indent=1))
         return 0
-    from engine.driver import log_dir, run
-    from engine.errors import TrainingError
-    from pipeline.storage import StorageError
+    from engine.driver import log_dir, run_job
 
-    try:
-        result = run(cfg)
-    except (ValueError, StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    result = run_job(cfg)
+    if isinstance(result, int):
+        return result
     metrics = result.metrics or {}
     print(
         f"\nfinished at step {metrics.get('step')}; checkpoint: {result.checkpoint.path if result.checkpoint else None}"

@@ -91,19 +91,24 @@ def test_a_crafted_train_pt_is_refused_without_running_it(tmp_path) -> None:
     assert marker.exists()
 
 
-def _armed_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
+def _armed_checkpoint(directory: Path, marker: Path, part: str) -> Path:
+    """A checkpoint whose ``part`` (model.pt, committed; or train.pt, with no commit marker as in format 1)
+    creates ``marker`` when unpickled."""
     net, _, cfg = _net_and_cfg()
-    directory, marker = tmp_path / "checkpoint_00000003", tmp_path / "code-ran"
     ckpt.save(directory, net, ckpt.TrainState(step=3), to_dict(cfg), {"step": 3}, CATEGORIES)
-    with open(directory / ckpt.MODEL, "wb") as f:
+    with open(directory / part, "wb") as f:
         pickle.dump(_Armed(marker), f)
     ckpt.commit(directory, 3)
-    return directory, marker
+    if part == ckpt.TRAIN:
+        (directory / ckpt.COMMIT).unlink()
+    return directory
 
 
 @pytest.mark.slow
-def test_evaluate_and_predict_refuse_a_crafted_checkpoint(tmp_path) -> None:
-    directory, marker = _armed_checkpoint(tmp_path)
+@pytest.mark.parametrize("part", [ckpt.MODEL, ckpt.TRAIN])
+def test_evaluate_and_predict_refuse_a_crafted_checkpoint(part: str, tmp_path) -> None:
+    marker = tmp_path / "code-ran"
+    directory = _armed_checkpoint(tmp_path / "checkpoint_00000003", marker, part)
     images = tmp_path / "images"
     images.mkdir()
     from PIL import Image
