@@ -174,6 +174,18 @@ class DetectionLoader:
         total["dropped_boxes"] = total.get("dropped_boxes", 0) + self._dropped_boxes
         return total
 
+    def seen(self) -> dict[int, list[int]]:
+        """Per epoch, since this loader was made: ``[samples handed out, sum of their image ids]`` over its
+        worker streams (summed over ranks, a complete epoch gives the dataset's count and id sum: each image
+        once)."""
+        total: dict[int, list[int]] = {}
+        for s in self.streams:
+            for epoch, (count, ids) in s.seen.items():
+                entry = total.setdefault(epoch, [0, 0])
+                entry[0] += count
+                entry[1] += ids
+        return total
+
     # -- iteration ------------------------------------------------------------------------------
     def _source(self) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
         """DALI external source: the next batch of samples, round-robin over the worker streams."""

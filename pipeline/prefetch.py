@@ -48,7 +48,7 @@ class ReadAhead(io.RawIOBase):
 
     def readinto(self, b) -> int:  # type: ignore[override]
         if not self._buffer:
-            item = self._queue.get()
+            item = self._next_item()
             if item is _END:
                 self._queue.put(_END)  # later reads see the end too
                 return 0
@@ -59,6 +59,17 @@ class ReadAhead(io.RawIOBase):
         b[:n] = self._buffer[:n]
         self._buffer = self._buffer[n:]
         return n
+
+    def _next_item(self) -> object:
+        """The next chunk, end or error. Never waits unbounded on a thread that is gone: the thread's own
+        reads are bounded (storage timeouts and retry window), so a queue that stays empty while the thread
+        is dead can only mean it ended without a word."""
+        while True:
+            try:
+                return self._queue.get(timeout=1.0)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise OSError("the read-ahead thread ended without handing over the rest of the stream") from None
 
     def close(self) -> None:
         if not self.closed:

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-import webdataset
 
 from pipeline import format as fmt
 from pipeline import storage
@@ -120,7 +119,7 @@ class ShardStream:
         self._start = Position()
         self._progress: _Progress | None = None
         self.stats: Counter[str] = Counter()
-        storage.register_webdataset_openers()
+        self.seen: dict[int, list[int]] = {}  # epoch -> [samples handed out, sum of their image ids]
 
     def assigned(self) -> list[str]:
         """The shards this reader reads in its current epoch."""
@@ -152,9 +151,13 @@ class ShardStream:
         progress = self._progress = _Progress(start)
         buffer: list[tuple[int, Sample]] = []
 
+        seen = self.seen.setdefault(start.epoch, [0, 0])
+
         def hand_out(index: int) -> Sample:
             shard, sample = buffer.pop(index)
             progress.handed_out(shard, sample.key)
+            seen[0] += 1
+            seen[1] += sample.image_id
             return sample
 
         for shard in range(start.shard, len(shard_list)):
@@ -180,7 +183,7 @@ class ShardStream:
         members: dict[str, bytes] = {}
         current = None
         try:
-            raw = webdataset.gopen(uri, "rb")
+            raw = storage.open_stream(uri, on_retry=self._count_retry)
             stream = io.BufferedReader(ReadAhead(raw)) if self.read_ahead else raw
             with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
                 for info in tar:
@@ -201,7 +204,8 @@ class ShardStream:
             ) from None
         except (tarfile.TarError, EOFError, OSError) as e:
             if isinstance(e, storage.StorageError):
-                raise
+                raise  # storage did not answer within the retry window: the attempt fails, naming the shard
+            # The bytes themselves end early (object storage re-opens a broken stream, so this is the shard)
             self.stats["truncated_shards"] += 1
             log.warning("shard %s is truncated or corrupt after sample %s (%s); skipping its rest", uri, current, e)
             return
@@ -209,6 +213,9 @@ class ShardStream:
             sample = self._sample(current, members)
             if sample is not None:
                 yield sample
+
+    def _count_retry(self, error: BaseException) -> None:
+        self.stats["storage_retries"] += 1
 
     def _sample(self, key: str, members: dict[str, bytes]) -> Sample | None:
         if fmt.IMAGE_EXT not in members or fmt.RECORD_EXT not in members:

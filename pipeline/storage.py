@@ -9,25 +9,22 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import time
+import uuid
 from collections.abc import Callable
 from typing import IO, TypeVar
 
 import fsspec
 
+from pipeline.resumable import ResumableReader
+from pipeline.retry import AccessDenied, MissingObject, StorageError, configure, window
+from pipeline.retry import call as with_retries
+
+__all__ = ["AccessDenied", "MissingObject", "StorageError", "configure", "window", "with_retries"]
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-RETRY_ATTEMPTS = 4
-RETRY_BASE_DELAY_S = 0.5
-
-
-class StorageError(OSError):
-    """Storage could not be reached or read after retries; the message names the URI and what to check."""
-
-
-class MissingObject(StorageError, FileNotFoundError):
-    """The object is not there: not retried (waiting does not bring it back)."""
+BOTOCORE_ATTEMPTS = 4  # per request, botocore's own (standard mode); our window is around them
+STREAM_BLOCK = 8 << 20  # bytes per ranged GET of a streamed shard: a break costs at most this much again
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -37,10 +34,15 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             options["client_kwargs"] = {"endpoint_url": endpoint}
-        # Fail fast inside one attempt; our own retry loop does the backoff and names the URI.
-        options["config_kwargs"] = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2}}
+        # botocore retries each request (standard mode: throttling, 5xx and connection errors, with jittered
+        # backoff); a read that stalls ends after read_timeout. Not adaptive mode: its client-side rate
+        # limiter, after a burst of SlowDown, held a single write for minutes (beyond any window of ours).
+        retries = {"mode": "standard", "max_attempts": BOTOCORE_ATTEMPTS}
+        options["config_kwargs"] = {"connect_timeout": 5, "read_timeout": 30, "retries": retries}
         options["skip_instance_cache"] = True
     fs, path = fsspec.core.url_to_fs(uri, **options)
+    if uri.startswith("s3://"):
+        fs.retries = 1  # s3fs's own loop (5 tries of botocore's 4) would hide outages from pipeline.retry's window
     return fs, path
 
 
@@ -53,24 +55,6 @@ def join(uri: str, name: str) -> str:
     return uri.rstrip("/") + "/" + name
 
 
-def with_retries(what: str, uri: str, fn: Callable[[], T], attempts: int = RETRY_ATTEMPTS) -> T:
-    """Runs ``fn``, retrying on storage errors with exponential backoff; then raises ``StorageError``."""
-    delay = RETRY_BASE_DELAY_S
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except FileNotFoundError as e:
-            raise MissingObject(_explain(what, uri, e, attempt)) from e
-        except Exception as e:  # s3fs/aiobotocore raise many types: connection, timeout, client errors
-            if attempt == attempts:
-                raise StorageError(_explain(what, uri, e, attempt)) from e
-            log.warning("%s %s failed (%s: %s); retry %d/%d in %.1fs", what, uri, type(e).__name__, e, attempt,
-                        attempts - 1, delay)  # fmt: skip
-            time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")
-
-
 def open_uri(uri: str, mode: str = "rb") -> IO[bytes]:
     """Opens a file for streaming (reads are not staged to local disk), with retries."""
     fs, path = filesystem(uri)
@@ -78,24 +62,44 @@ def open_uri(uri: str, mode: str = "rb") -> IO[bytes]:
     return with_retries("opening", uri, lambda: fs.open(path, mode, **kwargs))
 
 
+def open_stream(uri: str, on_retry: Callable[[BaseException], None] | None = None) -> IO[bytes]:
+    """``uri`` opened for reading start to end (a shard): a local file as it is; an object through
+    ``ResumableReader``, which re-opens it where a transient failure broke the stream (a ranged read), so
+    the reader never sees an outage as the end of the data. ``on_retry`` is called for each re-open."""
+    fs, path = filesystem(uri)
+    if _is_local(fs):
+        return with_retries("opening", uri, lambda: fs.open(path, "rb"))
+    length = with_retries("opening", uri, lambda: int(fs.info(path)["size"]), on_retry=on_retry)
+
+    # fs.retries is 1: a failure in the middle of a read surfaces at once (not after s3fs's own retries of the
+    # same range), so that it is re-opened where it broke, counted and logged.
+    def open_at(offset: int) -> IO[bytes]:
+        f = fs.open(path, "rb", block_size=STREAM_BLOCK, cache_type="readahead", size=length)
+        f.seek(offset)
+        return f
+
+    return ResumableReader(uri, length, open_at, on_retry)
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     return with_retries("reading", uri, lambda: fs.cat_file(path))
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Writes a whole object; local files go through a temporary name so a reader never sees half."""
+def write_bytes(uri: str, data: bytes, window_s: float | None = None) -> None:
+    """Writes a whole object (retried over ``window_s``, default the process's window); local files go
+    through a temporary name so a reader never sees half."""
     fs, path = filesystem(uri)
     if _is_local(fs):
         fs.makedirs(fs._parent(path), exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
-        with_retries("writing", uri, lambda: fs.pipe_file(tmp, data))
+        with_retries("writing", uri, lambda: fs.pipe_file(tmp, data), window_s)
         os.replace(tmp, path)
         return
-    with_retries("writing", uri, lambda: fs.pipe_file(path, data))
+    with_retries("writing", uri, lambda: fs.pipe_file(path, data), window_s)
 
 
-def delete(uri: str) -> None:
+def delete(uri: str, window_s: float | None = None) -> None:
     """Removes the object (or local file) at ``uri``; nothing happens if there is none."""
     fs, path = filesystem(uri)
 
@@ -105,7 +109,7 @@ def delete(uri: str) -> None:
         except FileNotFoundError:
             pass
 
-    with_retries("deleting", uri, remove)
+    with_retries("deleting", uri, remove, window_s)
 
 
 def size(uri: str) -> int | None:
@@ -122,8 +126,8 @@ def size(uri: str) -> int | None:
 
 
 def ensure_reachable(uri: str) -> None:
-    """Fails early (``StorageError`` naming ``uri``) when ``uri`` cannot be written to later: local
-    folders are created; for object stores the bucket must exist (checked without writing)."""
+    """Fails early (``StorageError`` naming ``uri``) when ``uri`` cannot be written to later: local folders
+    are created; in object storage the bucket must exist and a small object is written and deleted."""
     fs, path = filesystem(uri)
     if _is_local(fs):
         with_retries("creating", uri, lambda: fs.makedirs(path, exist_ok=True))
@@ -135,6 +139,15 @@ def ensure_reachable(uri: str) -> None:
             raise FileNotFoundError(f"bucket {bucket!r} does not exist or is not visible with these credentials")
 
     with_retries("checking", uri, probe)
+    check_writable(uri)
+
+
+def check_writable(uri: str, window_s: float | None = None) -> None:
+    """Writes and deletes a small object under ``uri``: ``StorageError`` (``AccessDenied`` at once for read-only
+    credentials) if this process may not write there."""
+    check = join(uri, f".write-check-{uuid.uuid4().hex[:8]}")
+    write_bytes(check, b"ok", window_s)
+    delete(check, window_s)
 
 
 def exists(uri: str) -> bool:
@@ -166,14 +179,3 @@ def register_webdataset_openers() -> None:
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocols
-
-
-def _explain(what: str, uri: str, error: Exception, attempts: int) -> str:
-    hint = ""
-    if uri.startswith("s3://"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS default"
-        hint = f" Check the endpoint ({endpoint}; set AWS_ENDPOINT_URL), the credentials and that the bucket exists."
-    elif isinstance(error, FileNotFoundError):
-        hint = " Check the path."
-    tries = f"after {attempts} attempts" if attempts > 1 else "at once"
-    return f"{what} {uri} failed {tries}: {type(error).__name__}: {error}.{hint}"

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from pipeline import coco, shards, storage
+from pipeline import coco, retry, shards, storage
 from pipeline import format as fmt
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -226,7 +226,7 @@ def test_shard_bytes_limit_is_deterministic(coco128: Path) -> None:
 
 
 def test_unknown_bucket_names_the_uri(s3_endpoint: str, monkeypatch) -> None:
-    monkeypatch.setattr(storage, "RETRY_BASE_DELAY_S", 0.01)
+    monkeypatch.setitem(retry._settings, "window_s", 0.5)  # a test-sized retry window
     with pytest.raises(storage.StorageError, match=r"s3://no-such-bucket-4242/shards.*does not exist"):
         storage.ensure_reachable("s3://no-such-bucket-4242/shards")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import storage
+from pipeline import retry, storage
 from pipeline.dali import MEAN, STD, AugmentConfig
 from pipeline.loader import DetectionLoader, LoaderConfig, open_dataset
 from pipeline.reader import shards_for
@@ -161,7 +161,7 @@ def test_no_dataset_and_no_shards_are_errors_before_work(tmp_path) -> None:
 
 
 def test_unreachable_bucket_is_named(monkeypatch) -> None:
-    monkeypatch.setattr(storage, "RETRY_BASE_DELAY_S", 0.01)
+    monkeypatch.setitem(retry._settings, "window_s", 0.5)  # a test-sized retry window
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")

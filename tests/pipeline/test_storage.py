@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import storage
+from pipeline import retry, storage
 
 
 @pytest.mark.parametrize("where", ["local", "relative", "file", "s3"])
@@ -24,7 +24,7 @@ def test_write_read_list(where: str, tmp_path, s3_bucket: str, monkeypatch) -> N
 
 
 def test_unreachable_endpoint_is_named(monkeypatch) -> None:
-    monkeypatch.setattr(storage, "RETRY_BASE_DELAY_S", 0.01)
+    monkeypatch.setitem(retry._settings, "window_s", 0.5)  # a test-sized retry window
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: nothing listens
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
@@ -33,7 +33,7 @@ def test_unreachable_endpoint_is_named(monkeypatch) -> None:
 
 
 def test_missing_object_is_named(s3_bucket: str, monkeypatch) -> None:
-    monkeypatch.setattr(storage, "RETRY_BASE_DELAY_S", 0.01)
+    monkeypatch.setitem(retry._settings, "window_s", 0.5)  # a test-sized retry window
     with pytest.raises(storage.StorageError, match=f"{s3_bucket}/missing.tar"):
         storage.read_bytes(f"{s3_bucket}/missing.tar")
 
