@@ -242,13 +242,15 @@ def save_best(run_uri: str, model: torch.nn.Module, config: dict, categories: li
     return best
 
 
-def upload_folder(directory: Path, uri: str) -> None:
-    """Copies a committed local checkpoint folder to ``uri``: commit marker removed first, written last."""
-    storage.delete(storage.join(uri, COMMIT))
+def upload_folder(directory: Path, uri: str, window_s: float | None = None) -> None:
+    """Copies a committed local checkpoint folder to ``uri`` (each write retried over ``window_s``, default the
+    process's storage window): the old commit marker is removed first and the new one written last, so a
+    reader never takes a half-written folder for complete. ``StorageError`` if a write fails for good."""
+    storage.delete(storage.join(uri, COMMIT), window_s)
     for path in sorted(directory.iterdir()):
         if path.is_file() and path.name != COMMIT:
-            storage.write_bytes(storage.join(uri, path.name), path.read_bytes())
-    storage.write_bytes(storage.join(uri, COMMIT), (directory / COMMIT).read_bytes())
+            storage.write_bytes(storage.join(uri, path.name), path.read_bytes(), window_s)
+    storage.write_bytes(storage.join(uri, COMMIT), (directory / COMMIT).read_bytes(), window_s)
 
 
 @dataclass

@@ -28,13 +28,18 @@ def _cpu_group():
     return _cpu_groups[key]
 
 
-def any_rank(flag: bool) -> bool:
-    """Whether ``flag`` is true on any rank; on the CPU, so the GPU is never waited for (preemption, per step)."""
+def max_over_ranks(value: int) -> int:
+    """The largest ``value`` of all ranks; on the CPU, so the GPU is never waited for (stop requests, per step)."""
     if world_size() == 1:
-        return flag
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_cpu_group())
-    return bool(value.item())
+        return value
+    tensor = torch.tensor([value], dtype=torch.int32)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_cpu_group())
+    return int(tensor.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (``max_over_ranks`` of 0/1)."""
+    return bool(max_over_ranks(1 if flag else 0))
 
 
 def any_rank_on_device(flag: torch.Tensor) -> bool:

@@ -32,8 +32,13 @@ class DataConfig:
     val_uri: str | None = None  # None: no evaluation
     loader: LoaderConfig = field(default_factory=LoaderConfig)  # per rank; eval uses eval_batch_size
     eval_batch_size: int = 4
+    # How long a worker keeps retrying object storage (reads re-open where they broke; checkpoint uploads):
+    # outages shorter than this cost time, not the run
+    storage_retry_s: float = 300.0
 
     def __post_init__(self) -> None:
+        if self.storage_retry_s < 0:
+            raise ValueError(f"data.storage_retry_s must be >= 0 seconds, got {self.storage_retry_s}")
         if not self.train_uri:
             raise ValueError("data.train_uri is empty: point it at a converted dataset (data.train_uri=s3://b/train)")
         if self.val_uri == "":
@@ -180,6 +185,12 @@ class CheckpointConfig:
     # SIGTERM (spot reclaim, node drain): every rank finishes its step, checkpoints, and the run restarts from
     # that step; not counted in max_failures. -1: no limit
     max_preemptions: int = -1
+    # A checkpoint that cannot be uploaded within data.storage_retry_s is not registered (the previous one
+    # stays the latest): "continue" training, or "stop" with the URI named
+    on_upload_failure: str = "continue"
+    # One driver per run: a second one on this name is refused until the lease (STORAGE/NAME/.lease) has gone
+    # this long without renewal, or is taken over with jobs/train.py --force
+    lease_ttl_s: float = 300.0
 
     def __post_init__(self) -> None:
         if not self.storage_path:
@@ -188,6 +199,10 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint.name must be a non-empty name without '/', got {self.name!r}")
         if self.every < 1 or self.keep_last < 1:
             raise ValueError(f"checkpoint.every and keep_last must be >= 1, got {self.every}, {self.keep_last}")
+        if not self.lease_ttl_s > 0:
+            raise ValueError(f"checkpoint.lease_ttl_s must be > 0 seconds, got {self.lease_ttl_s}")
+        if self.on_upload_failure not in ("continue", "stop"):
+            raise ValueError(f"checkpoint.on_upload_failure={self.on_upload_failure!r}: use 'continue' or 'stop'")
         if self.max_failures < -1 or self.max_preemptions < -1:
             raise ValueError(
                 f"checkpoint.max_failures and max_preemptions must be >= -1 (-1: no limit), got {self.max_failures}, "

@@ -4,36 +4,37 @@ the run is done, restarting after failures and preemptions and stopping at once 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import sys
-from collections.abc import Callable
-from dataclasses import replace
-from pathlib import Path
 
 import ray
-from ray.train import (
-    CheckpointConfig,
-    FailureConfig,
-    LoggingConfig,
-    Result,
-    RunConfig,
-    ScalingConfig,
-    TrainingFailedError,
-)
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train import Result
 
-from engine import checkpoint as ckpt
-from engine.config import TrainConfig, to_dict
-from engine.errors import EXIT_USER_ERROR, TrainingError, exit_code, is_final
+from engine import lease
+from engine.attempts import fit
+from engine.config import TrainConfig
+from engine.errors import EXIT_USER_ERROR, TrainingError
 from engine.faults import Faults
-from engine.loop import train_loop_per_worker
-from engine.preemption import SigtermCallback
+from engine.lease import Lease
+from engine.trainer import ROOT, absolute, build_trainer, checkpoint_uri, log_dir, run_uri, storage_path
 from pipeline import storage
 from pipeline.loader import open_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+__all__ = [
+    "absolute",
+    "build_trainer",
+    "checkpoint_uri",
+    "fit",
+    "init_ray",
+    "log_dir",
+    "preflight",
+    "run",
+    "run_job",
+    "storage_path",
+]
 
 
 def init_ray(verbose: bool = False) -> None:
@@ -86,129 +87,35 @@ def preflight(cfg: TrainConfig) -> None:
     storage.ensure_reachable(storage_path(cfg))
 
 
-def storage_path(cfg: TrainConfig) -> str:
-    return storage.absolute(cfg.checkpoint.storage_path)
-
-
-def absolute(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with local relative data and storage paths made absolute against this process's folder, so
-    that workers (whose working folder Ray and Tune choose) read and write where the user meant."""
-    val = cfg.data.val_uri and storage.absolute(cfg.data.val_uri)
-    data = replace(cfg.data, train_uri=storage.absolute(cfg.data.train_uri), val_uri=val)
-    return replace(cfg, data=data, checkpoint=replace(cfg.checkpoint, storage_path=storage_path(cfg)))
-
-
-def log_dir(cfg: TrainConfig) -> Path:
-    """Where rank 0 writes progress files: beside the checkpoints for local storage, else ./runs/NAME.
-    Checkpoints carry copies of them either way."""
-    path = cfg.checkpoint.storage_path
-    base = Path(path) if "://" not in path else ROOT / "runs"
-    return (base / cfg.checkpoint.name).resolve()
-
-
-def build_trainer(cfg: TrainConfig, callbacks: list | None = None, faults: Faults | None = None) -> TorchTrainer:
-    """One attempt's ``TorchTrainer``; ``callbacks`` are Train ``UserCallback``s (a Tune trial passes the one
-    that forwards each report to Tune). Ray Train itself never retries (``max_failures=0``): ``fit`` does,
-    so that an error no restart can fix ends the run at once."""
-    s = cfg.scaling
-    workers = (s.min_workers, s.num_workers) if s.min_workers else s.num_workers
-    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
-    run_uri = storage.join(storage_path(cfg), cfg.checkpoint.name)
-    loop_config = {"cfg": to_dict(absolute(cfg)), "log_dir": str(log_dir(cfg)), "run_uri": run_uri}
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={**loop_config, "faults": faults.to_dict() if faults else None},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=s.use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend=s.backend),
-        run_config=RunConfig(
-            name=cfg.checkpoint.name,
-            storage_path=storage_path(cfg),
-            failure_config=FailureConfig(max_failures=0),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
-            logging_config=LoggingConfig(log_level="INFO" if cfg.log.verbose else "CRITICAL"),
-            callbacks=[*(callbacks or []), SigtermCallback()],
-        ),
-    )
-
-
-def run(cfg: TrainConfig, faults: Faults | None = None) -> Result:
-    """Checks, starts or joins Ray, trains (resuming if the run name has checkpoints), returns the result.
-    ``TrainingError`` when the run cannot reach ``max_iters``."""
+def run(cfg: TrainConfig, faults: Faults | None = None, force: bool = False) -> Result:
+    """Checks, starts or joins Ray, takes the run's lease (``force``: from another driver), trains (resuming
+    if the run name has checkpoints), returns the result. ``TrainingError`` when it cannot reach ``max_iters``."""
     preflight(cfg)
-    init_ray(cfg.log.verbose)
-    check_shared_storage(cfg)
-    return fit(cfg, faults=faults)
+    uri = run_uri(cfg)
+    held = lease.acquire(uri, cfg.checkpoint.lease_ttl_s, force)  # a second driver is refused before Ray starts
+    lost: list[Lease] = []
+    try:
+        init_ray(cfg.log.verbose)
+        check_shared_storage(cfg)
+        check_workers_can_write(cfg)
+        with lease.LeaseKeeper(uri, held, lost.append):
+            return fit(cfg, faults=faults, held=held, lost=lost)
+    finally:
+        with contextlib.suppress(storage.StorageError):
+            lease.release(uri, held)
 
 
-def run_job(cfg: TrainConfig) -> Result | int:
+def run_job(cfg: TrainConfig, force: bool = False) -> Result | int:
     """``run(cfg)`` for the jobs: the result, or the exit code after printing ``error: ...`` for every error
     a user can act on (bad config or data: 2; storage unreachable: 2; the run failed for good: its code)."""
     try:
-        return run(cfg)
+        return run(cfg, force=force)
     except (ValueError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-
-
-def fit(cfg: TrainConfig, callbacks: Callable[[], list] | None = None, faults: Faults | None = None) -> Result:
-    """Attempts until the run reaches ``max_iters``. Each attempt resumes from the run's latest checkpoint. A
-    preempted attempt (SIGTERM: it checkpointed and stopped) starts again, up to ``checkpoint.max_preemptions``;
-    a failed one (a dead or stalled worker, a broken connection) up to ``checkpoint.max_failures``; an error no
-    restart can fix (bad data, divergence) ends the run at once."""
-    limits = {"failure": cfg.checkpoint.max_failures, "preemption": cfg.checkpoint.max_preemptions}
-    counts = dict.fromkeys(limits, 0)
-    while True:
-        try:
-            result = build_trainer(cfg, callbacks() if callbacks else None, faults).fit()
-        except TrainingFailedError as e:
-            error, final = describe_failure(e)
-            if final is not None:
-                raise TrainingError(error, exit_code(final)) from None
-            kind = "failure"
-        else:
-            if result.return_value != "preempted":
-                return result
-            kind, error = "preemption", f"preempted at step {(result.metrics or {}).get('step')}"
-        counts[kind] += 1
-        if limits[kind] != -1 and counts[kind] > limits[kind]:
-            raise TrainingError(_gave_up(cfg, kind, counts[kind], error)) from None
-        of = "" if limits[kind] == -1 else f"/{limits[kind]}"
-        print(f"{error}\nrestarting from the latest checkpoint ({kind} {counts[kind]}{of})", flush=True)
-
-
-def describe_failure(error: TrainingFailedError) -> tuple[str, BaseException | None]:
-    """``(message, the worker error no restart can fix or None)``: one line per failed rank, the original
-    exception's message (Ray wraps it with its traceback)."""
-    failures = getattr(error, "worker_failures", None) or {}
-    lines, final = [], None
-    for rank, failure in sorted(failures.items()):
-        cause = getattr(failure, "_base_exc", failure)
-        if is_final(cause) and final is None:
-            final = cause
-        lines.append(f"rank {rank}: {type(cause).__name__}: {_first_line(cause)}")
-    if final is not None:
-        return str(final), final
-    died = any(not hasattr(f, "_base_exc") for f in failures.values())
-    hint = " (a worker process ended: its last lines above say why, e.g. the stall watchdog's stacks)" if died else ""
-    return "training attempt failed: " + ("; ".join(lines) if lines else _first_line(error)) + hint, None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:500] if text else "(no message)"
-
-
-def _gave_up(cfg: TrainConfig, kind: str, count: int, error: str) -> str:
-    run_uri = storage.join(storage_path(cfg), cfg.checkpoint.name)
-    latest = ckpt.latest_complete(run_uri)
-    key = "max_failures" if kind == "failure" else "max_preemptions"
-    return (
-        f"{error}\ngave up after {count} {kind}s (checkpoint.{key}={getattr(cfg.checkpoint, key)}); the latest "
-        f"complete checkpoint is {latest or 'none'}: rerun the same command to resume from it"
-    )
 
 
 def check_shared_storage(cfg: TrainConfig) -> None:
@@ -219,4 +126,20 @@ def check_shared_storage(cfg: TrainConfig) -> None:
         raise ValueError(
             f"checkpoint.storage_path={cfg.checkpoint.storage_path} is a local folder, but this Ray cluster has "
             f"{nodes} nodes: set checkpoint.storage_path=s3://BUCKET/runs (or gs://), or RETINANET_STORAGE"
+        )
+
+
+def check_workers_can_write(cfg: TrainConfig) -> None:
+    """Writes and deletes a small object in the run's storage from a Ray task placed like a training worker
+    (its resources, the job's runtime environment and credentials), so that storage the workers may not
+    write fails before step 1, naming the URI, instead of at the first checkpoint."""
+    from engine.probe import try_write
+
+    s = cfg.scaling
+    task = ray.remote(num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker if s.use_gpu else 0, max_retries=0)
+    error = ray.get(task(try_write).remote(run_uri(cfg)))
+    if error:
+        raise ValueError(
+            f"the training workers cannot write to {run_uri(cfg)}: {error} Give the workers' credentials write access "
+            "to it (their instance role, service account or runtime environment), or set checkpoint.storage_path"
         )

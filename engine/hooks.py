@@ -8,15 +8,12 @@ divergence guard, evaluation, checkpoint (the guard runs before anything is eval
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
 
-from engine import checkpoint as ckpt
 from engine import collectives
-from engine.config import TrainConfig, to_dict
+from engine.config import TrainConfig
 from engine.evaluate import evaluate
 
 _LOSSES = ("loss", "loss_cls", "loss_box")
@@ -90,7 +87,7 @@ class ProgressHook(Hook):
     def __init__(self, w) -> None:
         self.w = w
         self._sums = torch.zeros(len(_LOSSES), device=w.device)
-        self._images = self._steps = 0
+        self._images = self._steps = self._retries = 0
         self._waited = self._busy = 0.0
 
     def every_step(self, ctx: StepContext) -> None:
@@ -104,12 +101,17 @@ class ProgressHook(Hook):
         return ctx.log
 
     def after_step(self, ctx: StepContext) -> None:
-        rate = torch.tensor([self._images / max(self._busy, 1e-9)], device=self._sums.device)
-        values = collectives.mean_losses_sum_rate(torch.cat([self._sums / max(1, self._steps), rate]), len(_LOSSES))
-        latest = dict(zip((*_LOSSES, "images_per_s"), values, strict=True))
+        retries = self.w.loader.stats.get("storage_retries", 0)
+        sums = [self._images / max(self._busy, 1e-9), retries - self._retries]  # summed over ranks
+        self._retries = retries
+        extra = torch.tensor(sums, device=self._sums.device, dtype=torch.float32)
+        values = collectives.mean_losses_sum_rate(torch.cat([self._sums / max(1, self._steps), extra]), len(_LOSSES))
+        latest = dict(zip((*_LOSSES, "images_per_s", "storage_retries"), values, strict=True))
         latest.update(lr=ctx.lr, data_wait=self._waited / max(self._busy, 1e-9))
         self.w.metrics = latest
         note = f" | rolled back {self.w.state.rollbacks}x" if self.w.state.rollbacks else ""
+        if latest["storage_retries"]:
+            note += f" | storage retries {latest['storage_retries']:.0f} (reads re-opened where they broke)"
         self.w.log.progress(ctx.step, latest, note)
         self._sums.zero_()
         self._images = self._steps = 0
@@ -140,48 +142,22 @@ class EvalHook(Hook):
             w.log.evaluation(ctx.step, result, w.val_ds)
 
 
-class CheckpointHook(Hook):
-    """Every rank reports (``ray.train.report`` is a barrier); rank 0 writes the checkpoint through
-    ``engine.checkpoint`` (committed last), the best model by AP to ``best/``, and publishes the logs."""
-
-    exempt = True
+class DataSeenHook(Hook):
+    """When the attempt ends: per epoch, the samples every rank's loader handed out and the sum of their image
+    ids, summed over ranks (event ``data_seen``). A complete epoch equals the dataset: each image once."""
 
     def __init__(self, w) -> None:
         self.w = w
 
     def due(self, ctx: StepContext) -> bool:
-        return ctx.save and not ctx.rolled_back
+        return ctx.last or ctx.stop is not None
 
     def after_step(self, ctx: StepContext) -> None:
-        w = self.w
-        positions = collectives.gather_objects(w.loader.state_dict())
-        metrics = {**w.metrics, **ctx.metrics, "step": ctx.step}
-        name = checkpoint_name(ctx.step, w.state.rollbacks)
-        if w.rank == 0:
-            self._write(metrics, positions, name)
-        else:
-            w.report(metrics, None, name)
-        w.last_checkpoint, w.last_checkpoint_step = f"{w.run_uri}/{name}", ctx.step
-
-    def _write(self, metrics: dict, positions: list[dict], name: str) -> None:
-        w = self.w
-        state = w.state
-        state.optimizer, state.data_positions, state.history = w.optimizer.state_dict(), positions, w.log.history
-        best = "AP" in metrics and metrics["AP"] > state.best_ap
-        if best:
-            state.best_ap = metrics["AP"]
-            metrics["best"] = True
-        config, categories = to_dict(w.cfg), w.loader.dataset.manifest["categories"]
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt.save(Path(tmp), w.net, state, config, metrics, categories, extra_files=w.log.files())
-            w.report(metrics, Path(tmp), name)
-        if best and w.cfg.checkpoint.keep_best:
-            ckpt.save_best(w.run_uri, w.net, config, categories, metrics)
-        w.publisher.publish()
-
-
-def checkpoint_name(step: int, rollbacks: int) -> str:
-    """``checkpoint_NNNNNNNN``; after a rollback the steps are trained again under ``..._rN`` names, so that a
-    rotated-out checkpoint of the first pass never shares a folder with a newer one."""
-    name = ckpt.checkpoint_name(step)
-    return f"{name}_r{rollbacks}" if rollbacks else name
+        total: dict[int, list[int]] = {}
+        for seen in collectives.gather_objects(self.w.loader.seen()):
+            for epoch, (count, ids) in seen.items():
+                entry = total.setdefault(epoch, [0, 0])
+                entry[0], entry[1] = entry[0] + count, entry[1] + ids
+        manifest = self.w.loader.dataset.manifest
+        self.w.log.event(ctx.step, "data_seen", epochs={str(e): v for e, v in sorted(total.items())},
+                         dataset_images=manifest.get("num_images"), stats=dict(self.w.loader.stats))  # fmt: skip

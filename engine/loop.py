@@ -7,25 +7,29 @@ values; reporting goes through the one ``report`` function below. The loop is a 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
 import ray
 import ray.train
+from ray.train import CheckpointUploadMode
 
 from engine import checkpoint as ckpt
-from engine import preemption
+from engine import lease, preemption
+from engine.checkpointing import CheckpointHook
 from engine.config import TrainConfig, from_dict
 from engine.faults import Faults
 from engine.guard import DivergenceGuard
-from engine.hooks import CheckpointHook, EvalHook, Hook, ProgressHook, run_hooks
+from engine.hooks import DataSeenHook, EvalHook, Hook, ProgressHook, run_hooks
 from engine.watchdog import StallWatchdog
 from engine.worker import Worker, setup_worker
 
 
 def train_loop_per_worker(config: dict) -> str | None:
     """Entry point for ``TorchTrainer``: ``config = {"cfg": to_dict(TrainConfig), "log_dir": str, "run_uri": str,
-    "faults": dict | None}``. Returns why the attempt ended early ("preempted"), or None at ``max_iters``."""
+    "faults": dict | None, "lease": dict | None}``. Returns why the attempt ended early ("preempted"), or None
+    at ``max_iters``."""
     cfg = from_dict(config["cfg"])
     quiet_logging(cfg.log.verbose)
     ctx = ray.train.get_context()
@@ -34,16 +38,19 @@ def train_loop_per_worker(config: dict) -> str | None:
         cfg, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), Path(config["log_dir"]),
         run_uri=run_uri, report=report, node_id=ray.get_runtime_context().get_node_id(),
         restored=_restored(ray.train.get_checkpoint(), run_uri), faults=Faults.from_dict(config.get("faults")),
+        lease=config.get("lease"),
     )  # fmt: skip
 
 
 def run_worker(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, log_dir: Path, **setup) -> str | None:
     """Set-up, then steps until ``max_iters`` or until a hook stops the attempt (returns its reason)."""
+    held = setup.pop("lease", None)
     w = setup_worker(cfg, rank, world_size, local_rank, log_dir, **setup)
     hooks = default_hooks(w)
     ctx = None
     try:
-        with StallWatchdog(cfg.optim.stall_timeout_s, rank, log_dir) as watchdog, preemption.armed():
+        watchdog = StallWatchdog(cfg.optim.stall_timeout_s, rank, log_dir)
+        with watchdog, preemption.armed(), _renewing(w, held):
             while w.state.step < cfg.optim.max_iters:
                 ctx = w.train_one_step()
                 run_hooks(hooks, ctx, watchdog)
@@ -57,15 +64,35 @@ def run_worker(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, lo
     return ctx.stop if ctx is not None else None
 
 
+def _renewing(w: Worker, held: dict | None):
+    """Rank 0 renews the driver's lease while it trains; if another driver took the run over, every rank
+    stops at its next step, writing nothing more."""
+    if w.rank != 0 or held is None:
+        return contextlib.nullcontext()
+
+    def lost(holder: lease.Lease) -> None:
+        preemption.request_abort(f"another driver took this run over: {holder.describe()}. This one stops here; "
+                                 f"its checkpoints stay in {w.run_uri}")  # fmt: skip
+
+    return lease.LeaseKeeper(w.run_uri, lease.Lease(**held), lost)
+
+
 def default_hooks(w: Worker) -> list[Hook]:
     """In this order: the guard sees every step before anything is evaluated or written."""
-    return [ProgressHook(w), preemption.PreemptionHook(w), DivergenceGuard(w), EvalHook(w), CheckpointHook(w)]
+    return [ProgressHook(w), preemption.PreemptionHook(w), DivergenceGuard(w), EvalHook(w), CheckpointHook(w),
+            DataSeenHook(w)]  # fmt: skip
 
 
-def report(metrics: dict, directory: Path | None, name: str) -> None:
-    """``ray.train.report`` (a barrier: every rank calls it equally often); rank 0 attaches the checkpoint."""
-    checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory is not None else None
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+def report(metrics: dict, uri: str | None, name: str) -> None:
+    """``ray.train.report`` (a barrier: every rank calls it equally often). ``uri``: the checkpoint rank 0 has
+    uploaded and committed as ``name`` in the run's folder; Ray Train registers it without copying it."""
+    checkpoint = None
+    if uri is not None:
+        store = ray.train.get_context().get_storage()
+        path = f"{store.experiment_fs_path.rstrip('/')}/{name}"
+        checkpoint = ray.train.Checkpoint(path=path, filesystem=store.storage_filesystem)
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
+                     checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)  # fmt: skip
 
 
 def _restored(checkpoint: ray.train.Checkpoint | None, run_uri: str) -> ckpt.Restored | None:

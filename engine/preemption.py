@@ -22,10 +22,12 @@ from collections.abc import Iterator
 from ray.train.v2._internal.execution.callback import WorkerCallback
 
 from engine import collectives
+from engine.errors import RunStopped
 from engine.hooks import Hook, StepContext
 
 _requested = threading.Event()
 _armed = threading.Event()
+_abort: list[str] = []  # reasons to stop at once, without a checkpoint (the run was taken over)
 _signal_step: list[int] = []  # the step that was running when SIGTERM came
 _current_step = [0]
 
@@ -67,6 +69,7 @@ def armed() -> Iterator[None]:
     """While the training loop runs, SIGTERM means "checkpoint and stop" instead of "exit now"."""
     _requested.clear()
     _signal_step.clear()
+    _abort.clear()
     _armed.set()
     try:
         yield
@@ -80,8 +83,14 @@ def request() -> None:
     _requested.set()
 
 
+def request_abort(reason: str) -> None:
+    """End the attempt at the next step on every rank, writing nothing more (``RunStopped(reason)``)."""
+    _abort.append(reason)
+
+
 class PreemptionHook(Hook):
-    """Every step: has any rank been asked to stop? Then this step checkpoints and the attempt ends."""
+    """Every step: has any rank been asked to stop? SIGTERM: this step checkpoints and the attempt ends. An
+    abort (the run's lease was taken over): every rank raises ``RunStopped`` before anything is written."""
 
     def __init__(self, w) -> None:
         self.w = w
@@ -90,10 +99,14 @@ class PreemptionHook(Hook):
         _current_step[0] = ctx.step + 1  # the step that runs next: a SIGTERM from now on arrives during it
 
     def due(self, ctx: StepContext) -> bool:
-        return not ctx.last  # the last step checkpoints and ends anyway
+        return True
 
     def after_step(self, ctx: StepContext) -> None:
-        if not collectives.any_rank(_requested.is_set()):
+        code = collectives.max_over_ranks(2 if _abort else 1 if _requested.is_set() else 0)
+        if code == 2:
+            reasons = [r for rank in collectives.gather_objects(list(_abort)) for r in rank]
+            raise RunStopped(reasons[0])
+        if code == 0 or ctx.last:  # the last step checkpoints and ends anyway
             return
         signalled = [s for steps in collectives.gather_objects(list(_signal_step)) for s in steps]
         ctx.save, ctx.stop = True, "preempted"

@@ -17,12 +17,20 @@ class LogPublisher:
         self.root = storage.join(run_uri, "logs") if "://" in run_uri else None
         self._published: dict[Path, tuple[int, int]] = {}
 
-    def publish(self) -> None:
+    def publish(self, window_s: float | None = None) -> None:
+        """Never raises for storage: a file that could not be uploaded (within ``window_s``) is tried again at
+        the next call; training does not stop for progress files."""
         if self.rank != 0 or self.root is None or not self.log_dir.exists():
             return
-        for path in sorted(p for p in self.log_dir.rglob("*") if p.is_file()):
+        files = [p for p in self.log_dir.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        for path in sorted(files):
             stat = path.stat()
-            if self._published.get(path) != (stat.st_size, stat.st_mtime_ns):
-                remote = storage.join(self.root, path.relative_to(self.log_dir).as_posix())
-                storage.write_bytes(remote, path.read_bytes())
-                self._published[path] = (stat.st_size, stat.st_mtime_ns)
+            if self._published.get(path) == (stat.st_size, stat.st_mtime_ns):
+                continue
+            remote = storage.join(self.root, path.relative_to(self.log_dir).as_posix())
+            try:
+                storage.write_bytes(remote, path.read_bytes(), window_s)
+            except storage.StorageError as e:
+                print(f"WARNING: progress files not published yet ({e}); trying again at the next report", flush=True)
+                return
+            self._published[path] = (stat.st_size, stat.st_mtime_ns)

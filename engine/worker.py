@@ -22,11 +22,12 @@ from engine.progress import ProgressLog
 from engine.publish import LogPublisher
 from engine.step import train_step
 from model import build_retinanet
+from pipeline import storage
 from pipeline.batch import Batch
 from pipeline.loader import Dataset, DetectionLoader, open_dataset
 
-# ``report(metrics, checkpoint directory or None, checkpoint name)``: ``ray.train.report`` in a Train worker
-Report = Callable[[dict, Path | None, str], None]
+# ``report(metrics, URI of the uploaded checkpoint or None, checkpoint name)``: ``ray.train.report`` in a worker
+Report = Callable[[dict, str | None, str], None]
 
 
 @dataclass(eq=False)
@@ -86,6 +87,7 @@ def setup_worker(
     restored: ckpt.Restored | None = None,
     faults: Faults | None = None,
 ) -> Worker:
+    storage.configure(window_s=cfg.data.storage_retry_s)
     device = _device(cfg, local_rank)
     torch.manual_seed(cfg.seed + rank)
     net, loss_fn, postprocess = build_retinanet(cfg.model)

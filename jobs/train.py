@@ -18,6 +18,8 @@ import _bootstrap  # noqa: F401
 from engine.config import apply_overrides, storage_default
 from engine.recipes import RECIPES, get_recipe
 
+FORCE_HELP = "take the run over from the driver that holds its lease (that one stops at its next renewal)"
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,6 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="override a config field by dotted key, e.g. optim.base_lr=0.02 (repeatable)")  # fmt: skip
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     ap.add_argument("--verbose", action="store_true", help="also show Ray's own messages (same as log.verbose=true)")
+    ap.add_argument("--force", action="store_true", help=FORCE_HELP)
     return ap.parse_args(argv)
 
 
@@ -42,15 +45,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(to_dict(cfg), indent=1))
         return 0
-    from engine.driver import log_dir, run_job
+    from engine.driver import checkpoint_uri, log_dir, run_job
 
-    result = run_job(cfg)
+    result = run_job(cfg, force=args.force)
     if isinstance(result, int):
         return result
     metrics = result.metrics or {}
-    print(
-        f"\nfinished at step {metrics.get('step')}; checkpoint: {result.checkpoint.path if result.checkpoint else None}"
-    )
+    print(f"\nfinished at step {metrics.get('step')}; checkpoint: {checkpoint_uri(cfg, result)}")
     print(f"logs, metrics.jsonl, TensorBoard and PNGs: {log_dir(cfg)}")
     if "AP" in metrics:
         from engine.coco_eval import format_metrics_table

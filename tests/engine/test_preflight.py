@@ -12,7 +12,7 @@ import pytest
 from engine.config import apply_overrides
 from engine.driver import preflight
 from engine.recipes import get_recipe
-from pipeline import storage
+from pipeline import retry, storage
 from tests.pipeline.shard_util import tar_bytes, write_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +41,7 @@ def test_classes_must_match_the_model(tiny_dataset: str) -> None:
 def test_missing_data_and_unreachable_storage(tiny_dataset: str, tmp_path, monkeypatch) -> None:
     with pytest.raises(ValueError, match=r"no manifest\.json"):
         preflight(_cfg(str(tmp_path / "nothing"), "model.num_classes=80"))
-    monkeypatch.setattr(storage, "RETRY_BASE_DELAY_S", 0.01)
+    monkeypatch.setitem(retry._settings, "window_s", 0.5)  # a test-sized retry window
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
