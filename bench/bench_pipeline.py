@@ -7,6 +7,8 @@ write, and against raw JPEG decode speed (the limit here).
 - reference: PIL decode + torchvision.transforms.v2 (flip, RandomShortestSize, normalise, box-aware)
   in a ``torch.utils.data.DataLoader`` with 2 worker processes, padding in the collate function.
 - raw decode: PIL and DALI decode only, every image once per pass, 2 threads.
+- flaky S3: ours through ``tests/fault_proxy.py`` in front of the same server, 1% of reads reset mid-body
+  and 5% answered 503 SlowDown: images/s against the clean S3 row, and images lost per completed epoch.
 
     python bench/bench_pipeline.py [--images 512] [--batch 4]
 """
@@ -43,15 +45,41 @@ def convert(output: str) -> None:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
-def ours(uri: str, num_images: int, batch: int) -> float:
+def ours(uri: str, num_images: int, batch: int, lost: list[int] | None = None) -> float:
+    """Images/s of the training stream; ``lost`` gets, per epoch it completed, the images it did not hand out."""
     cfg = LoaderConfig(batch_size=batch, num_workers=2, num_threads=2, aug=AugmentConfig(train_sizes=SIZES))
-    loader = iter(DetectionLoader(open_dataset(uri), rank=0, world_size=1, train=True, cfg=cfg))
+    dataset = open_dataset(uri)
+    loader = DetectionLoader(dataset, rank=0, world_size=1, train=True, cfg=cfg)
+    stream = iter(loader)
     for _ in range(3):  # warm-up: pipeline build, first shards
-        next(loader)
+        next(stream)
     start, seen = time.perf_counter(), 0
     while seen < num_images:
-        seen += len(next(loader))
-    return seen / (time.perf_counter() - start)
+        seen += len(next(stream))
+    rate = seen / (time.perf_counter() - start)
+    if lost is not None:
+        epochs = loader.seen()
+        lost += [dataset.manifest["num_images"] - epochs[e][0] for e in sorted(epochs)[:-1]]
+    return rate
+
+
+def flaky(uri: str, num_images: int, batch: int) -> tuple[float, list[int], dict]:
+    """``ours`` through the fault proxy: 1% of reads reset after 64 KB, 5% answered 503 SlowDown."""
+    from urllib.parse import urlparse
+
+    from tests.fault_proxy import FaultProxy
+
+    clean = os.environ["AWS_ENDPOINT_URL"]
+    lost: list[int] = []
+    with FaultProxy(urlparse(clean).port, seed=1) as proxy:
+        proxy.reset(share=0.01, after_bytes=64 << 10)
+        proxy.slowdown(share=0.05)
+        os.environ["AWS_ENDPOINT_URL"] = proxy.url
+        try:
+            rate = ours(uri, num_images, batch, lost)
+        finally:
+            os.environ["AWS_ENDPOINT_URL"] = clean
+        return rate, lost, dict(proxy.stats)
 
 
 class TorchvisionStyle(torch.utils.data.Dataset):
@@ -219,6 +247,11 @@ def main() -> None:
         try:
             convert("s3://bench/coco128")
             rows["ours, S3 (moto_server)"] = ours("s3://bench/coco128", args.images, args.batch)
+            name = "ours, S3 through the fault proxy (1% of reads reset, 5% SlowDown)"
+            rows[name], lost, faults = flaky("s3://bench/coco128", args.images, args.batch)
+            clean = rows["ours, S3 (moto_server)"]
+            print(f"{name}: {rows[name] / clean:.2f}x the clean S3 rate; images lost per completed epoch: {lost}; "
+                  f"proxy: {faults}")  # fmt: skip
             rows["S3 read limit: fetching the shards from moto_server, no decode"] = storage_limit(
                 "s3://bench/coco128", max(1, args.images // 128)
             )
