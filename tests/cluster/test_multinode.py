@@ -92,7 +92,7 @@ def test_a_removed_node_shrinks_the_run_which_resumes_and_completes(data, cluste
     that fit (one), from the latest checkpoint, and the run completes its planned steps."""
     c, nodes = cluster
     name = f"elastic-{time.time_ns()}"
-    cfg = _cfg(data, f"{s3_bucket}/runs", name, "optim.max_iters=40", "optim.steps=[30]", "checkpoint.every=5",
+    cfg = _cfg(data, f"{s3_bucket}/runs", name, "optim.max_iters=24", "optim.steps=[20]", "checkpoint.every=4",
                "scaling.min_workers=1", "checkpoint.max_failures=2")  # fmt: skip
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(result=run(cfg)), daemon=True)
@@ -100,23 +100,23 @@ def test_a_removed_node_shrinks_the_run_which_resumes_and_completes(data, cluste
         thread.start()
         snapshot = f"{s3_bucket}/runs/{name}/checkpoint_manager_snapshot.json"
         deadline = time.time() + 600
-        while time.time() < deadline and thread.is_alive():  # a registered checkpoint at step 10 or later
+        while time.time() < deadline and thread.is_alive():  # a registered checkpoint at step 8 or later
             if storage.exists(snapshot):
                 latest = json.loads(storage.read_bytes(snapshot)).get("latest_checkpoint_result") or {}
-                if latest.get("checkpoint_dir_name", "") >= ckpt.checkpoint_name(10):
+                if latest.get("checkpoint_dir_name", "") >= ckpt.checkpoint_name(8):
                     break
             time.sleep(0.5)
         c.remove_node(nodes[1])
         thread.join(timeout=900)
         assert not thread.is_alive(), "the run did not finish after the node was removed"
         result = outcome["result"]
-        assert result.error is None and result.metrics["step"] == 40
+        assert result.error is None and result.metrics["step"] == 24
         resumed = [e["step"] for e in _events(cfg, "resumed")]
-        assert resumed and 10 <= resumed[-1] < 40
+        assert resumed and 8 <= resumed[-1] < 24
         layouts = _events(cfg, "workers")
         assert layouts[0]["world_size"] == 2 and layouts[-1]["world_size"] == 1
         assert [r["node"] for r in layouts[-1]["ranks"]] == [nodes[0].node_id]
-        assert storage.exists(f"{s3_bucket}/runs/{name}/{ckpt.checkpoint_name(40)}/{ckpt.MODEL}")
+        assert storage.exists(f"{s3_bucket}/runs/{name}/{ckpt.checkpoint_name(24)}/{ckpt.MODEL}")
     finally:
         thread.join(timeout=1)
         _remove_local_logs(cfg)
