@@ -76,6 +76,7 @@ class CocoDataset:
     raw_categories: list[dict[str, Any]]
     dropped_boxes: list[DroppedBox]
     num_clipped_boxes: int
+    skipped_labels: list[dict[str, Any]] = field(default_factory=list)  # importers: {"file", "line", "reason"}
 
     @property
     def num_boxes(self) -> int:

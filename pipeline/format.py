@@ -15,6 +15,7 @@ An output URI holds:
      "ground_truth": "ground_truth.json",
      "skipped_images": [{"image_id": int, "file_name": str, "reason": str}],
      "dropped_boxes": [{"image_id": int, "annotation_id": int, "reason": str}],
+     "skipped_labels": [{"file": str, "line": int, "reason": str}],   # label lines/files an importer could not use
      "num_clipped_boxes": int}
 
 - ``ground_truth.json``: COCO-format ``{"images", "annotations", "categories"}`` of exactly the images

@@ -206,6 +206,7 @@ def manifest_dict(dataset: CocoDataset, results: list[ShardResult], prefix: str)
             for d in dataset.dropped_boxes
         ],
         "num_clipped_boxes": dataset.num_clipped_boxes,
+        "skipped_labels": dataset.skipped_labels,
     }
 
 
