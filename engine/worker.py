@@ -100,10 +100,13 @@ def setup_worker(
     loader = DetectionLoader(open_dataset(cfg.data.train_uri), rank=rank, world_size=world_size, train=True,
                              cfg=cfg.data.loader, device_id=local_rank if cfg.scaling.use_gpu else None)  # fmt: skip
     state = ckpt.TrainState()
+    started_from = None
     if restored is not None:
         net.load_state_dict(restored.weights)
         optimizer.load_state_dict(restored.state.optimizer)
         state = restored.state
+    elif cfg.model.init_from:  # a resume wins over init_from
+        started_from = _init_from(net, cfg, loader)
     relaid = loader.resume(state.data_positions)
     log = ProgressLog(cfg, rank, log_dir, history=state.history, start_step=state.step)
     w = Worker(
@@ -116,6 +119,12 @@ def setup_worker(
         if rank == 0:
             print(f"resumed from step {state.step} ({restored.uri})", flush=True)
         log.event(state.step, "resumed", checkpoint=restored.uri)
+    if started_from is not None:
+        report, what = started_from
+        if rank == 0:
+            print(f"initialised from {what}: {report.describe()}", flush=True)
+        log.event(0, "init_from", source=what, loaded=report.loaded, fresh=report.fresh, ignored=report.ignored,
+                  mapped_classes=report.mapped_classes)  # fmt: skip
     _announce_workers(w, node_id, relaid)
     _wrap(w, local_rank)
     if faults is not None:
@@ -176,3 +185,10 @@ def _announce_workers(w: Worker, node_id: str, relaid: bool) -> None:
         print(f"data position carried over from {before} to {after}: all ranks resume epoch {epoch}", flush=True)
         w.log.event(w.state.step, "relayout", before=before, after=after, epoch=epoch)
     w.log.event(w.state.step, "workers", world_size=w.world_size, ranks=ranks)
+
+
+def _init_from(net, cfg: TrainConfig, loader: DetectionLoader):
+    from engine.init_from import init_from
+
+    names = [c["name"] for c in sorted(loader.dataset.manifest["categories"], key=lambda c: c["label"])]
+    return init_from(net, cfg.model.init_from, names, by_name=cfg.model.init_class_map == "by_name")

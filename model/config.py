@@ -36,6 +36,10 @@ class RetinaNetConfig:
     backbone_norm: str = "frozen_bn"
     trainable_stages: int = 3  # of the 5 (stem, layer1..layer4), counted from the top
     backbone_weights: str | None = None  # local file of ImageNet weights (torchvision layout)
+    # Start from a trained detector (read by the engine when a run has no checkpoint of its own): a torchvision
+    # RetinaNet state dict file, or one of our checkpoints (folder or s3:// URI, best/ included)
+    init_from: str | None = None
+    init_class_map: str = "none"  # "by_name": keep the class rows whose names match the source's
     # FPN
     fpn_channels: int = 256
     p6_input: str = "c5"  # the paper; torchvision's v1 weights use "p5"
@@ -73,6 +77,7 @@ class RetinaNetConfig:
         _one_of("p6_input", self.p6_input, P6_INPUTS)
         _one_of("box_loss", self.box_loss, BOX_LOSSES)
         _one_of("loss_normalization", self.loss_normalization, LOSS_NORMALIZATIONS)
+        _one_of("init_class_map", self.init_class_map, ("none", "by_name"))
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if not 0 <= self.trainable_stages <= 5:

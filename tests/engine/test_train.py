@@ -144,7 +144,8 @@ def test_rerun_resumes_and_new_name_starts_fresh(data, ray_local, tmp_path) -> N
     runs = str(tmp_path / "runs")
     quiet = ["checkpoint.every=10", "eval.at_end=false", "log.every=5"]
     assert run(_cfg(data, runs, "resume", "optim.steps=[8]", "optim.max_iters=10", *quiet)).metrics["step"] == 10
-    again = _cfg(data, runs, "resume", "optim.steps=[8]", "optim.max_iters=20", *quiet)
+    # A resume wins over model.init_from: it is not even read (this path does not exist).
+    again = _cfg(data, runs, "resume", "optim.steps=[8]", "optim.max_iters=20", "model.init_from=/nonexistent", *quiet)
     assert run(again).metrics["step"] == 20
     # One log for the run name: steps 5 and 10 from the first run, then resumed at 10, never redone.
     kept = [h for h in _history(again) if "loss" in h or h.get("event") in ("workers", "resumed")]
@@ -157,9 +158,13 @@ def test_rerun_resumes_and_new_name_starts_fresh(data, ray_local, tmp_path) -> N
         (15, None),
         (20, None),
     ]
-    fresh = _cfg(data, runs, "fresh", "optim.steps=[4]", "optim.max_iters=5", *quiet)
+    # A new run name starts fresh, here from the first run's weights (its folder: the newest checkpoint).
+    fresh = _cfg(data, runs, "fresh", "optim.steps=[4]", "optim.max_iters=5", f"model.init_from={runs}/resume", *quiet)
     assert run(fresh).metrics["step"] == 5
     assert [h["step"] for h in _history(fresh) if "loss" in h] == [5]
+    (init,) = [h for h in _history(fresh) if h.get("event") == "init_from"]
+    assert init["source"] == f"checkpoint {runs}/resume/{ckpt.checkpoint_name(20)}"
+    assert init["fresh"] == {} and init["loaded"]["head.cls_logits"] == 2 and init["ignored"] == {}
 
 
 def test_killed_worker_recovers_from_checkpoint(data, ray_local, tmp_path) -> None:
