@@ -30,7 +30,9 @@ WRITES = (b"PUT", b"POST", b"DELETE")
 
 @pytest.fixture
 def proxy(s3_endpoint):
-    with FaultProxy(urlparse(s3_endpoint).port) as p:
+    # seed 1: the proxy's first draw is 0.13, so a 20% SlowDown hits from the first request on (seed 0's first
+    # 25 draws are all above 0.2: a short run might never be throttled)
+    with FaultProxy(urlparse(s3_endpoint).port, seed=1) as p:
         yield p
 
 
@@ -94,7 +96,7 @@ def test_an_outage_and_throttling_cost_time_not_images_or_checkpoints(data, s3_b
     sets = [f"data.train_uri={train_uri}", "data.val_uri=none", f"checkpoint.storage_path={s3_bucket}/runs",
             f"checkpoint.name={run_name}", "checkpoint.max_failures=0", "checkpoint.every=4", "checkpoint.keep_last=10",
             "optim.max_iters=16", "optim.steps=[12]", "log.every=4", "eval.every=0"]  # fmt: skip
-    proxy.slowdown(share=0.2)
+    proxy.slowdown(share=0.2, methods=(b"GET", b"HEAD"))  # reads
 
     def outage() -> None:
         proxy.refuse(30)
