@@ -63,12 +63,19 @@ def padded(size: int) -> int:
     return max(SIZE_DIVISOR, math.ceil(size / SIZE_DIVISOR) * SIZE_DIVISOR)
 
 
-def image_coverage(boxes: torch.Tensor, image_size: tuple[int, int], cfg: RetinaNetConfig) -> list[BoxFit]:
-    """``boxes [M, 4]`` xyxy in the resized image of ``image_size (h, w)`` -> one ``BoxFit`` each."""
+def anchor_generator(cfg: RetinaNetConfig) -> AnchorGenerator:
+    return AnchorGenerator(cfg.anchor_sizes, cfg.anchor_scales, cfg.anchor_ratios, cfg.anchor_round)
+
+
+def image_coverage(
+    boxes: torch.Tensor, image_size: tuple[int, int], cfg: RetinaNetConfig, generator: AnchorGenerator | None = None
+) -> list[BoxFit]:
+    """``boxes [M, 4]`` xyxy in the resized image of ``image_size (h, w)`` -> one ``BoxFit`` each.
+    ``generator``: one shared over many images (it caches the anchors of each padded size)."""
     if len(boxes) == 0:
         return []
     size = (padded(image_size[0]), padded(image_size[1]))
-    generator = AnchorGenerator(cfg.anchor_sizes, cfg.anchor_scales, cfg.anchor_ratios, cfg.anchor_round)
+    generator = generator or anchor_generator(cfg)
     anchors, per_level = generator(size, level_sizes(size), torch.device("cpu"), torch.float32)
     iou = batched_box_iou(boxes[None].float(), anchors)  # [1, M, A]
     valid = torch.ones(1, len(boxes), dtype=torch.bool)
@@ -100,11 +107,12 @@ def dataset_coverage(ground_truth: dict, cfg: RetinaNetConfig, eval_size: int, m
             by_image[a["image_id"]].append(a)
     label_of = {c["id"]: i for i, c in enumerate(sorted(ground_truth["categories"], key=lambda c: c["id"]))}
     out = Coverage(cfg.bg_iou_thresh)
+    generator = anchor_generator(cfg)
     for im in ground_truth["images"]:
         anns = by_image.get(im["id"], [])
         s = eval_scale(im["height"], im["width"], eval_size, max_size)
         boxes = torch.tensor([[x * s, y * s, (x + w) * s, (y + h) * s] for x, y, w, h in (a["bbox"] for a in anns)])
         size = (round(im["height"] * s), round(im["width"] * s))
-        out.boxes += image_coverage(boxes.reshape(-1, 4), size, cfg)
+        out.boxes += image_coverage(boxes.reshape(-1, 4), size, cfg, generator)
         out.labels += [label_of[a["category_id"]] for a in anns]
     return out

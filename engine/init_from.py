@@ -27,15 +27,16 @@ def source_weights(uri: str) -> tuple[dict[str, torch.Tensor], list[str] | None,
     ``uri`` is neither kind."""
     if Path(uri).is_file() if "://" not in uri else storage.size(uri) is not None:
         return _weights_file(uri)
+    try:
+        resolved = ckpt.resolve(uri)
+    except ValueError as e:
+        raise ValueError(f"model.init_from={uri}: {e}; {EXPECTED}") from None
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            directory = ckpt.fetch(uri, Path(tmp))
-        except ValueError as e:
-            raise ValueError(f"model.init_from={uri}: {e}; {EXPECTED}") from None
+        directory = ckpt.fetch(resolved, Path(tmp))
         weights = ckpt.load_trusted(directory / ckpt.MODEL)
         categories = ckpt.read_categories(directory)
     names = [c["name"] for c in sorted(categories, key=lambda c: c["label"])] if categories else None
-    return weights, names, f"checkpoint {ckpt.resolve(uri)}"
+    return weights, names, f"checkpoint {resolved}"
 
 
 def _weights_file(uri: str) -> tuple[dict[str, torch.Tensor], list[str] | None, str]:

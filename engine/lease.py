@@ -41,11 +41,10 @@ class Lease:
 
 
 def read(run_uri: str) -> Lease | None:
-    uri = storage.join(run_uri, LEASE)
-    if storage.size(uri) is None:
-        return None
     try:
-        return Lease(**json.loads(storage.read_bytes(uri)))
+        return Lease(**json.loads(storage.read_bytes(storage.join(run_uri, LEASE))))
+    except storage.MissingObject:
+        return None
     except (ValueError, TypeError):
         return None  # unreadable: nobody holds it
 

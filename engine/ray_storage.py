@@ -17,6 +17,8 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from pipeline import storage
+
 FIRST_DELAY_S = 0.025  # the AWS SDK's default strategy: 25 ms * 2**attempt
 MIN_WINDOW_S = 300.0
 
@@ -28,7 +30,7 @@ def ray_storage(storage_path: str, retry_window_s: float) -> tuple[str, pafs.Fil
         return storage_path, None
     attempts = math.ceil(math.log2(max(retry_window_s, MIN_WINDOW_S) / FIRST_DELAY_S + 1))
     options: dict = {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = storage.s3_endpoint()
     if endpoint:
         parsed = urlparse(endpoint)
         options.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "https")

@@ -118,10 +118,16 @@ def note(what: str, uri: str, error: BaseException, attempt: int, delay: float) 
                 what, uri, type(error).__name__, _short(error), attempt, delay)  # fmt: skip
 
 
+def s3_endpoint() -> str | None:
+    """The S3 endpoint every client of ours uses: ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``, else
+    None (AWS's own)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
 def explain(what: str, uri: str, error: BaseException, attempts: int, seconds: float) -> str:
     hint = ""
     if uri.startswith("s3://"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS default"
+        endpoint = s3_endpoint() or "AWS default"
         hint = f" Check the endpoint ({endpoint}; set AWS_ENDPOINT_URL), the credentials and that the bucket exists."
     elif isinstance(error, FileNotFoundError):
         hint = " Check the path."

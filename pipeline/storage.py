@@ -16,10 +16,10 @@ from typing import IO, TypeVar
 import fsspec
 
 from pipeline.resumable import ResumableReader
-from pipeline.retry import AccessDenied, MissingObject, StorageError, configure, window
+from pipeline.retry import AccessDenied, MissingObject, StorageError, configure, s3_endpoint, window
 from pipeline.retry import call as with_retries
 
-__all__ = ["AccessDenied", "MissingObject", "StorageError", "configure", "window", "with_retries"]
+__all__ = ["AccessDenied", "MissingObject", "StorageError", "configure", "s3_endpoint", "window", "with_retries"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -31,7 +31,7 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """``(filesystem, path inside it)`` for a URI; plain paths are local."""
     options: dict[str, object] = {}
     if uri.startswith("s3://"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = s3_endpoint()
         if endpoint:
             options["client_kwargs"] = {"endpoint_url": endpoint}
         # botocore retries each request (standard mode: throttling, 5xx and connection errors, with jittered
