@@ -67,25 +67,35 @@ def anchor_generator(cfg: RetinaNetConfig) -> AnchorGenerator:
     return AnchorGenerator(cfg.anchor_sizes, cfg.anchor_scales, cfg.anchor_ratios, cfg.anchor_round)
 
 
-def image_coverage(
+def assign(
     boxes: torch.Tensor, image_size: tuple[int, int], cfg: RetinaNetConfig, generator: AnchorGenerator | None = None
-) -> list[BoxFit]:
-    """``boxes [M, 4]`` xyxy in the resized image of ``image_size (h, w)`` -> one ``BoxFit`` each.
-    ``generator``: one shared over many images (it caches the anchors of each padded size)."""
-    if len(boxes) == 0:
-        return []
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """The training assignment of ``boxes [M, 4]`` (xyxy, M >= 1) in a resized image of ``image_size (h, w)``,
+    padded as the model pads it: ``(anchors [A, 4], iou [M, A], matches [A], anchors per level)``, where
+    ``matches[a]`` is the box of anchor ``a`` (-1 background, -2 ignored), from the model's own generator
+    and ``model.boxes.match``. ``generator``: one shared over many images (it caches each padded size)."""
     size = (padded(image_size[0]), padded(image_size[1]))
     generator = generator or anchor_generator(cfg)
     anchors, per_level = generator(size, level_sizes(size), torch.device("cpu"), torch.float32)
     iou = batched_box_iou(boxes[None].float(), anchors)  # [1, M, A]
     valid = torch.ones(1, len(boxes), dtype=torch.bool)
     matches = match(iou, valid, cfg.fg_iou_thresh, cfg.bg_iou_thresh, cfg.allow_low_quality_matches)[0]
-    best_iou, best_anchor = iou[0].max(dim=1)
+    return anchors, iou[0], matches, list(per_level)
+
+
+def image_coverage(
+    boxes: torch.Tensor, image_size: tuple[int, int], cfg: RetinaNetConfig, generator: AnchorGenerator | None = None
+) -> list[BoxFit]:
+    """``boxes [M, 4]`` xyxy in the resized image of ``image_size (h, w)`` -> one ``BoxFit`` each."""
+    if len(boxes) == 0:
+        return []
+    _, iou, matches, per_level = assign(boxes, image_size, cfg, generator)
+    best_iou, best_anchor = iou.max(dim=1)
     bounds = torch.tensor(per_level).cumsum(0)
     fits = []
     for m in range(len(boxes)):
         mine = matches == m
-        if (mine & (iou[0, m] >= cfg.fg_iou_thresh)).any():
+        if (mine & (iou[m] >= cfg.fg_iou_thresh)).any():
             kind = "fg"
         else:
             kind = "low_quality" if mine.any() else "unmatched"

@@ -65,6 +65,29 @@ def anchors(cfg: TrainConfig) -> list[Param]:
     return [Param("model.anchor_scales", values=scales), Param("model.anchor_ratios", values=((1.0,), (0.5, 1.0, 2.0)))]
 
 
+def anchors_around(cfg: TrainConfig) -> list[Param]:
+    """A 3 x 3 grid around the config's own anchors (the doctor's fit, with ``jobs/tune.py --anchors-from``):
+    sizes times 2^-1/4, 1 and 2^1/4 x the ratios' log spread times 0.7, 1 and 1.4 (one ratio: the ratio
+    times those); scales and the anchor count kept."""
+    from engine.anchor_fit import centred_ratios
+
+    m = cfg.model
+    sizes = tuple(tuple(round(s * f, 1) for s in m.anchor_sizes) for f in (2**-0.25, 1.0, 2**0.25))
+    ratios = tuple(dict.fromkeys(centred_ratios(tuple(m.anchor_ratios), k) for k in (0.7, 1.0, 1.4)))
+    return [Param("model.anchor_sizes", values=sizes), Param("model.anchor_ratios", values=ratios)]
+
+
+def centre_on_fit(space: str, overrides: list[str], report: dict, where: str) -> tuple[str, list[str]]:
+    """``--anchors-from``: the doctor's fitted anchors (``report["fit"]["set"]``) put before ``overrides``
+    (so a ``--set`` still wins), and ``anchors`` in ``space`` replaced by ``anchors_around``."""
+    fit = report.get("fit") if isinstance(report, dict) else None
+    if not fit or not isinstance(fit.get("set"), list):
+        raise ValueError(f"{where} holds no anchor fit: write one with python jobs/doctor.py --data URI --out DIR")
+    names = [n.strip() for n in space.split("+") if n.strip()]
+    names = ["anchors_around" if n == "anchors" else n for n in names]
+    return "+".join(names), [*fit["set"], *overrides]
+
+
 def lr(cfg: TrainConfig) -> list[Param]:
     """The base learning rate, log-uniform from a tenth to three times the recipe's."""
     base = cfg.optim.base_lr
@@ -75,6 +98,7 @@ SPACES: dict[str, Callable[[TrainConfig], list[Param]]] = {
     "focal": focal,
     "backbone": backbone,
     "anchors": anchors,
+    "anchors_around": anchors_around,
     "lr": lr,
 }
 

@@ -58,7 +58,7 @@ def draw_detections(
     font = _font(max(11, round(min(image.size) / 40)))
     if gt_boxes is not None:
         for box in _array(gt_boxes).reshape(-1, 4):
-            _dashed_rectangle(draw, box, fill=(255, 255, 255), width=max(1, width - 1), dash=3 * width + 3)
+            dashed_rectangle(draw, box, fill=(255, 255, 255), width=max(1, width - 1), dash=3 * width + 3)
     boxes, labels, scores = _array(boxes).reshape(-1, 4), _array(labels).reshape(-1), _array(scores).reshape(-1)
     order = np.argsort(scores, kind="stable")  # highest score drawn last, on top
     for i in order:
@@ -170,7 +170,7 @@ def _text_color(background: tuple[int, int, int]) -> tuple[int, int, int]:
     return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
 
 
-def _dashed_rectangle(draw: ImageDraw.ImageDraw, box, *, fill, width: int, dash: int) -> None:
+def dashed_rectangle(draw: ImageDraw.ImageDraw, box, *, fill, width: int, dash: int) -> None:
     x0, y0, x1, y1 = (float(v) for v in box)
     for (ax, ay), (bx, by) in (((x0, y0), (x1, y0)), ((x1, y0), (x1, y1)), ((x1, y1), (x0, y1)), ((x0, y1), (x0, y0))):
         length = math.hypot(bx - ax, by - ay)

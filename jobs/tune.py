@@ -4,11 +4,14 @@ Ray Train run (the same code path as jobs/train.py), stopped early by ASHA on va
     python jobs/tune.py --recipe demo --space focal [--set optim.max_iters=300] [--samples 1]
     python jobs/tune.py --recipe demo --space focal+lr --samples 2 --searcher optuna
     python jobs/tune.py --recipe demo --space backbone --param model.fpn_channels=64,128 --resume
+    python jobs/tune.py --recipe demo --space anchors --anchors-from doctor/report.json
 
 Spaces: focal (alpha x gamma, gamma = 0 being the alpha-balanced CE), backbone, anchors (scales x ratios per
-location), lr; combine with "+". Results go to STORAGE/NAME (STORAGE = checkpoint.storage_path): Tune's
-experiment, each trial's run under runs/<trial id>, and results.csv, results.json, results.png. Rerun with
---resume after an interruption: finished trials are kept, unfinished ones continue from their checkpoints.
+location; with --anchors-from, a 3 x 3 grid of sizes and ratio spreads around the anchors that
+jobs/doctor.py fitted, named anchors_around), lr; combine with "+". Results go to STORAGE/NAME
+(STORAGE = checkpoint.storage_path): Tune's experiment, each trial's run under runs/<trial id>, and
+results.csv, results.json, results.png. Rerun with --resume after an interruption: finished trials are
+kept, unfinished ones continue from their checkpoints.
 Without RAY_ADDRESS an embedded local Ray starts; under ``ray job submit`` the job joins that cluster.
 """
 
@@ -41,8 +44,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--grace-period", type=int, help="steps before ASHA may stop a trial (default: eval.every)")
     ap.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster holds)")
     ap.add_argument("--name", help="the search's folder under checkpoint.storage_path (default: RECIPE-SPACE)")
+    ap.add_argument("--anchors-from", metavar="REPORT",
+                    help="start from the anchors fitted by jobs/doctor.py (its report.json) and centre the "
+                         "anchors space on them")  # fmt: skip
     ap.add_argument("--resume", action="store_true", help="continue the interrupted search of this name")
     return ap.parse_args(argv)
+
+
+def read_report(uri: str) -> dict:
+    """The doctor's report.json (local or object storage); ``ValueError`` if it is missing or not JSON."""
+    import json
+
+    from pipeline import storage
+
+    if not storage.exists(uri):
+        raise ValueError(f"no report at {uri}: write one with python jobs/doctor.py --data URI --out DIR")
+    try:
+        return json.loads(storage.read_bytes(uri))
+    except ValueError as e:
+        raise ValueError(f"{uri} is not a report.json of jobs/doctor.py: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,15 +70,19 @@ def main(argv: list[str] | None = None) -> int:
     from engine.config import storage_default
     from engine.search import SearchConfig, run_search
     from engine.search_report import best_command, best_row, format_table, rows_from_grid, write_results
+    from engine.spaces import centre_on_fit
     from pipeline.storage import StorageError
 
     default_name = "-".join(filter(None, [args.recipe, args.space.replace("+", "-") or "params"]))
     try:
+        space, overrides = args.space, args.overrides
+        if args.anchors_from:
+            space, overrides = centre_on_fit(space, overrides, read_report(args.anchors_from), args.anchors_from)
         search = SearchConfig(
             name=args.name or default_name,
             recipe=args.recipe,
-            overrides=storage_default(args.overrides),
-            space=args.space,
+            overrides=storage_default(overrides),
+            space=space,
             params=args.params,
             samples=args.samples,
             scheduler=args.scheduler,

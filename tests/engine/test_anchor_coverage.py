@@ -77,21 +77,33 @@ def test_the_doctor_reports_coco128_and_names_a_missing_dataset(coco128, tmp_pat
     import sys
     from pathlib import Path
 
+    from PIL import Image
+
     root = Path(__file__).resolve().parents[2]
     annotations, images = coco128 / "annotations" / "instances_train2017.json", coco128 / "images" / "train2017"
     convert = [sys.executable, "jobs/convert.py", "--annotations", str(annotations), "--images", str(images),
                "--output", str(tmp_path / "c128"), "--no-progress"]  # fmt: skip
     subprocess.run(convert, cwd=root, check=True, capture_output=True, timeout=300)
-    doctor = [sys.executable, "jobs/doctor.py", "--data", str(tmp_path / "c128"), "--json", str(tmp_path / "r.json")]
+    # The demo recipe's small eval resize keeps the fit quick; the figures are checked for consistency only.
+    doctor = [sys.executable, "jobs/doctor.py", "--data", str(tmp_path / "c128"), "--out", str(tmp_path / "doc"),
+              "--recipe", "demo",
+              "--fit-images", "6", "--json", str(tmp_path / "r.json")]  # fmt: skip
     done = subprocess.run(doctor, cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "r.json").read_text())
+    assert report == json.loads((tmp_path / "doc" / "report.json").read_text())
     assert report["images"] == 128 and report["boxes"] == sum(report["boxes_per_class"].values())
+    assert 0 < report["border_boxes"] < report["boxes"] and report["sizes"]["image_width"][-1] == 640
     overall = report["coverage"]["overall"]
     assert overall["boxes"] == report["boxes"]
     assert overall["fg"] + overall["low_quality"] + overall["unmatched"] == pytest.approx(1.0)
     assert sum(s["boxes"] for s in report["coverage"]["per_level"].values()) == report["boxes"]
-    assert "anchor coverage:" in done.stdout and "person" in done.stdout
+    fit = report["fit"]
+    assert fit["before"] == overall and fit["after"]["fg"] >= fit["before"]["fg"] and fit["anchors_per_location"] == 9
+    assert fit["set_line"] in done.stdout and "anchor coverage:" in done.stdout and "person" in done.stdout
+    for name in ("sizes.png", "anchors.png"):
+        with Image.open(tmp_path / "doc" / name) as im:
+            assert im.format == "PNG" and im.width > 400
     missing = subprocess.run(
         [*doctor[:3], str(tmp_path / "nope")], cwd=root, capture_output=True, text=True, timeout=120
     )

@@ -50,7 +50,9 @@ def test_format_override_parses_back_to_the_value(value) -> None:
 
 @pytest.mark.parametrize("recipe", ["demo", "coco_r50_1x"])
 def test_every_named_space_is_valid_for_the_recipes(recipe: str) -> None:
-    params = resolve("+".join(SPACES), get_recipe(recipe))
+    params = resolve("+".join(s for s in SPACES if s != "anchors_around"), get_recipe(recipe))
+    around = resolve("anchors_around", get_recipe(recipe))  # both search anchor_ratios: not together
+    assert [p.key for p in around] == ["model.anchor_sizes", "model.anchor_ratios"]
     keys = [p.key for p in params]
     assert {"model.focal_alpha", "model.focal_gamma", "model.backbone", "model.anchor_scales", "optim.base_lr"} <= set(
         keys
@@ -184,11 +186,14 @@ def test_tune_cli_errors_before_starting(tmp_path, data) -> None:  # noqa: F811
     def tune(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "jobs/tune.py", *base, *args], cwd=ROOT, capture_output=True, text=True)
 
+    (tmp_path / "nofit.json").write_text('{"images": 1}')
     for args, message in [
         (["--space", "focal+nope"], "unknown search space 'nope'"),
         (["--space", "focal", "--set", "data.val_uri=none"], "set data.val_uri"),
         (["--space", "focal", "--resume"], "no search named 'tiny_cpu-focal'"),
         (["--param", "model.focal_alpha=0.5,7"], "focal_alpha"),
+        (["--space", "anchors", "--anchors-from", str(tmp_path / "no.json")], "no report at"),
+        (["--space", "anchors", "--anchors-from", str(tmp_path / "nofit.json")], "holds no anchor fit"),
         *([(["--space", "lr", "--searcher", "optuna"], "pip install optuna")] if not _has("optuna") else []),
     ]:
         done = tune(*args)
