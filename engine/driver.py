@@ -13,11 +13,13 @@ import sys
 import ray
 from ray.train import Result
 
+from engine import checkpoint as ckpt
 from engine import lease
 from engine.attempts import fit
 from engine.config import TrainConfig
 from engine.errors import EXIT_USER_ERROR, TrainingError
 from engine.faults import Faults
+from engine.init_from import check_source
 from engine.lease import Lease
 from engine.trainer import ROOT, absolute, build_trainer, checkpoint_uri, log_dir, run_uri, storage_path
 from pipeline import storage
@@ -74,7 +76,8 @@ def _free_port() -> int:
 
 
 def preflight(cfg: TrainConfig) -> None:
-    """Errors before work starts: unreachable storage, no shards, classes that do not match the model."""
+    """Errors before work starts: unreachable storage, no shards, classes that do not match the model, an
+    ``init_from`` that is neither a file nor a checkpoint (checked only for a new run: a resume wins)."""
     datasets = [("train", cfg.data.train_uri)] + ([("val", cfg.data.val_uri)] if cfg.data.val_uri else [])
     for split, uri in datasets:
         ds = open_dataset(uri)
@@ -85,6 +88,8 @@ def preflight(cfg: TrainConfig) -> None:
                 f"num_classes={cfg.model.num_classes}: add --set model.num_classes={ds.num_classes}"
             )
     storage.ensure_reachable(storage_path(cfg))
+    if cfg.model.init_from and ckpt.latest_complete(run_uri(cfg)) is None:
+        check_source(cfg.model.init_from)
 
 
 def run(cfg: TrainConfig, faults: Faults | None = None, force: bool = False) -> Result:

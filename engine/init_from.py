@@ -22,10 +22,24 @@ EXPECTED = (
 )
 
 
+def _is_file(uri: str) -> bool:
+    return Path(uri).is_file() if "://" not in uri else storage.size(uri) is not None
+
+
+def check_source(uri: str) -> None:
+    """The driver's check before any worker starts: ``uri`` is a file (read as weights by the workers) or
+    resolves to a complete checkpoint; otherwise the ``ValueError`` that says what was expected."""
+    if not _is_file(uri):
+        try:
+            ckpt.resolve(uri)
+        except ValueError as e:
+            raise ValueError(f"model.init_from={uri}: {e}; {EXPECTED}") from None
+
+
 def source_weights(uri: str) -> tuple[dict[str, torch.Tensor], list[str] | None, str]:
     """``(state dict in our key layout, class names by label or None, what it is)``; ``ValueError`` if
     ``uri`` is neither kind."""
-    if Path(uri).is_file() if "://" not in uri else storage.size(uri) is not None:
+    if _is_file(uri):
         return _weights_file(uri)
     try:
         resolved = ckpt.resolve(uri)

@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 from engine import checkpoint as ckpt
-from engine.init_from import EXPECTED, init_from
+from engine.init_from import EXPECTED, check_source, init_from
 from model import build_retinanet, torchvision_config
 from model.config import RetinaNetConfig
 from model.torchvision_compat import convert_torchvision_state_dict
@@ -72,3 +72,6 @@ def test_a_file_of_neither_kind_says_what_was_expected(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"model.init_from=.*empty"):
         init_from(net, str(tmp_path / "empty"), ["x", "y"], by_name=False)
+    with pytest.raises(ValueError, match=r"model.init_from=.*empty"):
+        check_source(str(tmp_path / "empty"))  # the driver's preflight: before any worker starts
+    check_source(str(backbone_only))  # a file: its tensors are checked by the workers, as above

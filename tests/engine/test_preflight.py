@@ -38,6 +38,12 @@ def test_classes_must_match_the_model(tiny_dataset: str) -> None:
     preflight(_cfg(tiny_dataset, "model.num_classes=80"))  # fits
 
 
+def test_an_init_from_that_is_neither_kind_fails_before_any_worker(tiny_dataset: str, tmp_path) -> None:
+    store = f"checkpoint.storage_path={tmp_path / 'runs'}"
+    with pytest.raises(ValueError, match=r"model.init_from=.*nothing.*expected a torchvision RetinaNet state dict"):
+        preflight(_cfg(tiny_dataset, "model.num_classes=80", store, f"model.init_from={tmp_path / 'nothing'}"))
+
+
 def test_missing_data_and_unreachable_storage(tiny_dataset: str, tmp_path, monkeypatch) -> None:
     with pytest.raises(ValueError, match=r"no manifest\.json"):
         preflight(_cfg(str(tmp_path / "nothing"), "model.num_classes=80"))
