@@ -1,6 +1,6 @@
 """Generate the synthetic shapes detection dataset (COCO format) and a preview of it.
 
-    python jobs/make_synthetic.py --output DIR [--train N] [--val N] [--size PX] [--seed S]
+    python jobs/make_synthetic.py --output DIR [--train N] [--val N] [--size PX] [--seed S] [--classes SET]
 
 Writes ``DIR/{train,val}/images/*.jpg``, ``DIR/{train,val}/annotations.json`` and ``DIR/preview.png``
 (the first training images with their boxes), then prints what the data holds. The same arguments
@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--val", type=non_negative_int, default=100, help="validation images (default: %(default)s)")
     ap.add_argument("--size", type=int, default=256, help="image side in pixels (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    ap.add_argument("--classes", default="shapes", choices=sorted(synthetic.CLASS_SETS),
+                    help="shapes: the demo's 5 classes (default); marks: 3 others, for fine-tuning")  # fmt: skip
     ap.add_argument("--preview", type=non_negative_int, default=8, help="images in preview.png, 0: none")
     return ap.parse_args(argv)
 
@@ -46,7 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         summary = synthetic.generate(
-            args.output, num_train=args.train, num_val=args.val, image_size=args.size, seed=args.seed
+            args.output,
+            num_train=args.train,
+            num_val=args.val,
+            image_size=args.size,
+            seed=args.seed,
+            classes=args.classes,
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None

@@ -9,6 +9,9 @@ pixel noise) with thin distractor lines that are not objects. Longer sides run f
 (each keeps at least ``MIN_VISIBLE`` of its pixels, and at most ``MAX_BOX_OVERLAP`` of the smaller of two
 boxes lies inside the other), never hide one another or sit inside another.
 
+A second class set, ``marks`` (``CLASS_SETS``), has three other classes in other colours for fine-tuning
+experiments: diamond (cyan), frame (a hollow square, orange) and star (five points, violet).
+
 Each object is drawn on a binary mask layer first and painted through it, so its box is the exact
 extent of its visible pixels (``bbox = [x0, y0, x1 + 1 - x0, y1 + 1 - y0]`` for inclusive pixel indices
 x0..x1, y0..y1) and its ``area`` is their count. Image ``i`` of a split is drawn from its own generator,
@@ -37,6 +40,12 @@ CLASSES: tuple[tuple[str, float], ...] = (
     ("cross", 0.15),
     ("ring", 0.83),
 )
+MARKS: tuple[tuple[str, float], ...] = (
+    ("diamond", 0.5),
+    ("frame", 0.07),
+    ("star", 0.74),
+)
+CLASS_SETS = {"shapes": CLASSES, "marks": MARKS}
 SPLITS = ("train", "val")
 MIN_SIDE = 10  # px, longer side of the smallest objects
 MAX_SIDE_FRACTION = 0.55  # of the image size, longer side of the largest objects
@@ -68,22 +77,28 @@ class Scene:
     objects: list[SceneObject]
 
 
-def categories() -> list[dict[str, Any]]:
-    return [{"id": i + 1, "name": name, "supercategory": "shape"} for i, (name, _) in enumerate(CLASSES)]
+def categories(classes: tuple[tuple[str, float], ...] = CLASSES) -> list[dict[str, Any]]:
+    return [{"id": i + 1, "name": name, "supercategory": "shape"} for i, (name, _) in enumerate(classes)]
 
 
-def render(rng: np.random.Generator, image_size: int) -> Scene:
-    """One image (H = W = ``image_size``, RGB uint8) with its objects; uses only ``rng``."""
+def class_set(name: str) -> tuple[tuple[str, float], ...]:
+    if name not in CLASS_SETS:
+        raise ValueError(f"unknown class set {name!r}; valid: {', '.join(CLASS_SETS)}")
+    return CLASS_SETS[name]
+
+
+def render(rng: np.random.Generator, image_size: int, classes: tuple[tuple[str, float], ...] = CLASSES) -> Scene:
+    """One image (H = W = ``image_size``, RGB uint8) with objects of ``classes``; uses only ``rng``."""
     if image_size < 4 * MIN_SIDE:
         raise ValueError(f"image_size must be at least {4 * MIN_SIDE} px (got {image_size})")
     image = _background(rng, image_size)
     instances = np.zeros((image_size, image_size), np.int16)
     num_objects = 0 if rng.random() < ZERO_OBJECT_FRACTION else int(rng.integers(1, MAX_OBJECTS + 1))
     # Larger objects first, so smaller ones land on top of them and stay whole.
-    plans = sorted((_sample_side(rng, image_size), int(rng.integers(len(CLASSES)))) for _ in range(num_objects))
+    plans = sorted((_sample_side(rng, image_size), int(rng.integers(len(classes)))) for _ in range(num_objects))
     placed: list[tuple[int, list[int]]] = []  # (category id, full-mask box xyxy inclusive)
     for side, cls in reversed(plans):
-        mask = _shape_mask(rng, cls, side)
+        mask = _shape_mask(rng, classes[cls][0], side)
         spot = _place(rng, mask, instances, [box for _, box in placed])
         if spot is None:
             continue
@@ -91,7 +106,7 @@ def render(rng: np.random.Generator, image_size: int) -> Scene:
         h, w = mask.shape
         region = instances[y : y + h, x : x + w]
         region[mask] = len(placed) + 1
-        image[y : y + h, x : x + w][mask] = _colour(rng, CLASSES[cls][1])
+        image[y : y + h, x : x + w][mask] = _colour(rng, classes[cls][1])
         placed.append((cls + 1, [x, y, x + w - 1, y + h - 1]))
     noise = rng.normal(0.0, 6.0, image.shape).astype(np.float32)
     image = np.clip(image + noise, 0, 255).astype(np.uint8)
@@ -105,8 +120,11 @@ def render(rng: np.random.Generator, image_size: int) -> Scene:
     return Scene(image=image, instances=instances, objects=objects)
 
 
-def generate(output_dir: Path, *, num_train: int, num_val: int, image_size: int = 256, seed: int = 0) -> dict:
+def generate(
+    output_dir: Path, *, num_train: int, num_val: int, image_size: int = 256, seed: int = 0, classes: str = "shapes"
+) -> dict:
     """Writes ``output_dir/{train,val}/images/*.jpg`` and ``.../annotations.json``; returns a summary.
+    ``classes``: the class set (``CLASS_SETS``); ``shapes`` gives the same bytes as before sets existed.
 
     The summary holds per split the image, object and zero-object-image counts, objects per class,
     objects per COCO area range, a histogram of longer box sides and of objects per image.
@@ -116,13 +134,14 @@ def generate(output_dir: Path, *, num_train: int, num_val: int, image_size: int 
     if image_size < 4 * MIN_SIDE:
         raise ValueError(f"image_size must be at least {4 * MIN_SIDE} px (got {image_size})")
     output_dir = Path(output_dir)
-    summary: dict[str, Any] = {"image_size": image_size, "seed": seed, "classes": [n for n, _ in CLASSES]}
+    chosen = class_set(classes)
+    summary: dict[str, Any] = {"image_size": image_size, "seed": seed, "classes": [n for n, _ in chosen]}
     for split_index, (split, count) in enumerate(zip(SPLITS, (num_train, num_val), strict=True)):
         images_dir = output_dir / split / "images"
         images_dir.mkdir(parents=True, exist_ok=True)
-        coco: dict[str, Any] = {"images": [], "annotations": [], "categories": categories()}
+        coco: dict[str, Any] = {"images": [], "annotations": [], "categories": categories(chosen)}
         for i in range(count):
-            scene = render(np.random.default_rng([seed, split_index, i]), image_size)
+            scene = render(np.random.default_rng([seed, split_index, i]), image_size, chosen)
             file_name = f"{i:06d}.jpg"
             Image.fromarray(scene.image).save(images_dir / file_name, quality=JPEG_QUALITY)
             image_id = i + 1
@@ -204,8 +223,7 @@ def preview(output_dir: Path, split: str, path_png: Path, num: int = 8, *, colum
         draw = ImageDraw.Draw(tile)
         for ann in by_image.get(im["id"], []):
             x, y, w, h = (v * scale for v in ann["bbox"])
-            hue = CLASSES[(ann["category_id"] - 1) % len(CLASSES)][1]
-            colour = tuple(int(255 * c) for c in colorsys.hsv_to_rgb(hue, 0.5, 1.0))
+            colour = tuple(int(255 * c) for c in colorsys.hsv_to_rgb(_hue(names.get(ann["category_id"])), 0.5, 1.0))
             # Outline just outside the box, so the object's own edge pixels stay visible.
             draw.rectangle([x - 1, y - 1, x + w, y + h], outline=colour)
             label = names.get(ann["category_id"], str(ann["category_id"]))
@@ -246,9 +264,15 @@ def _sample_side(rng: np.random.Generator, image_size: int) -> int:
     return round(math.exp(rng.uniform(math.log(lo), math.log(hi))))
 
 
-def _shape_mask(rng: np.random.Generator, cls: int, side: int) -> np.ndarray:
-    """The (h, w) bool mask of one shape of class ``cls`` whose longer side is ``side`` pixels."""
-    name = CLASSES[cls][0]
+def _hue(name: str | None) -> float:
+    hues = {n: h for classes in CLASS_SETS.values() for n, h in classes}
+    return hues.get(name, 0.0)
+
+
+def _shape_mask(rng: np.random.Generator, name: str, side: int) -> np.ndarray:
+    """The (h, w) bool mask of one shape of class ``name`` whose longer side is ``side`` pixels."""
+    if name in dict(MARKS):
+        return _mark_mask(rng, name, side)
     if name == "rectangle":
         short = max(MIN_SIDE // 2, round(side * rng.uniform(0.5, 1.0)))
         w, h = (side, short) if rng.random() < 0.5 else (short, side)
@@ -277,6 +301,33 @@ def _shape_mask(rng: np.random.Generator, cls: int, side: int) -> np.ndarray:
         draw.rectangle([a, 0, a + t - 1, h - 1], fill=1)
         draw.rectangle([0, a, w - 1, a + t - 1], fill=1)
     return np.asarray(layer, dtype=bool)
+
+
+def _mark_mask(rng: np.random.Generator, name: str, side: int) -> np.ndarray:
+    """The masks of the ``marks`` set: a diamond (a square on its corner, squashed up to 1:1.5), a frame
+    (a square outline a sixth to a quarter of the side thick) or a five-pointed star."""
+    w = h = side
+    if name == "diamond":
+        short = max(MIN_SIDE // 2, round(side * rng.uniform(0.67, 1.0)))
+        w, h = (side, short) if rng.random() < 0.5 else (short, side)
+    layer = Image.new("1", (w, h), 0)
+    draw = ImageDraw.Draw(layer)
+    if name == "diamond":
+        draw.polygon([(w / 2 - 0.5, 0), (w - 1, h / 2 - 0.5), (w / 2 - 0.5, h - 1), (0, h / 2 - 0.5)], fill=1)
+    elif name == "frame":
+        t = max(2, round(side * rng.uniform(1 / 6, 1 / 4)))
+        draw.rectangle([0, 0, w - 1, h - 1], fill=1)
+        draw.rectangle([t, t, w - 1 - t, h - 1 - t], fill=0)
+    else:
+        c, inner = (side - 1) / 2, rng.uniform(0.38, 0.5)
+        turn = rng.uniform(0, 2 * math.pi / 5)
+        radii = [c * (1.0 if k % 2 == 0 else inner) for k in range(10)]
+        angles = [turn + k * math.pi / 5 for k in range(10)]
+        points = [(c + r * math.sin(a), c - r * math.cos(a)) for r, a in zip(radii, angles, strict=True)]
+        draw.polygon(points, fill=1)
+    mask = np.asarray(layer, dtype=bool)
+    ys, xs = np.nonzero(mask)
+    return mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
 
 
 def _place(

@@ -53,15 +53,19 @@ def test_val_is_a_different_stream(data) -> None:
     assert not train & {p.read_bytes() for p in (out / "val/images").iterdir()}
 
 
-def test_boxes_are_the_exact_extent_of_the_drawn_pixels() -> None:
+@pytest.mark.parametrize("classes", sorted(synthetic.CLASS_SETS))
+def test_boxes_are_the_exact_extent_of_the_drawn_pixels(classes: str) -> None:
+    seen = set()
     for i in range(40):
-        scene = synthetic.render(np.random.default_rng([5, 0, i]), 128)
+        scene = synthetic.render(np.random.default_rng([5, 0, i]), 128, synthetic.class_set(classes))
+        seen |= {obj.category_id for obj in scene.objects}
         for k, obj in enumerate(scene.objects, start=1):
             x, y, w, h = obj.bbox
             assert 0 <= x and 0 <= y and x + w <= 128 and y + h <= 128 and w >= 1 and h >= 1
             ys, xs = np.nonzero(scene.instances == k)
             assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x, y, x + w, y + h)
             assert obj.area == len(xs)
+    assert seen == set(range(1, len(synthetic.class_set(classes)) + 1))
 
 
 def test_objects_stand_out_from_the_background_in_the_jpeg(data) -> None:
