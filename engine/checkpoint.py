@@ -33,6 +33,7 @@ TRAIN = "train.pt"
 CONFIG = "config.json"
 METRICS = "metrics.json"
 CATEGORIES = "categories.json"
+THRESHOLDS = "thresholds.json"  # per-class operating points of the last evaluation (engine.per_class)
 COMMIT = "commit.json"
 BEST = "best"
 PREFIX = "checkpoint_"

@@ -79,8 +79,9 @@ class CheckpointHook(Hook):
         """best/ is the checkpoint's model, config and metrics: kept locally until its upload succeeds."""
         shutil.rmtree(self._pending_best, ignore_errors=True)
         self._pending_best.mkdir(parents=True)
-        for name in (ckpt.MODEL, ckpt.CONFIG, ckpt.METRICS, ckpt.CATEGORIES):
-            shutil.copy(directory / name, self._pending_best / name)
+        for name in (ckpt.MODEL, ckpt.CONFIG, ckpt.METRICS, ckpt.CATEGORIES, ckpt.THRESHOLDS):
+            if (directory / name).exists():
+                shutil.copy(directory / name, self._pending_best / name)
         ckpt.commit(self._pending_best, int(self.w.state.step))
 
     def _side_uploads(self) -> None:

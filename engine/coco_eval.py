@@ -10,10 +10,23 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
+from engine.per_class import ClassResult, flat_metrics, per_class
+
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")  # COCOeval.stats[0:9]
+
+
+@dataclass
+class CocoResult:
+    """``metrics``: ``METRIC_NAMES``, then ``AP/<class>`` and ``AP50/<class>``; ``summary``: pycocotools'
+    table; ``classes``: per class AP, AP50, AP75, ground-truth count and best-F1 operating point."""
+
+    metrics: dict[str, float]
+    summary: str = ""
+    classes: list[ClassResult] = field(default_factory=list)
 
 
 def detections_to_coco(
@@ -82,6 +95,14 @@ def coco_evaluate_with_summary(
     ground_truth: dict, results: Sequence[dict], image_ids: Sequence[int] | None = None
 ) -> tuple[dict[str, float], str]:
     """``coco_evaluate`` plus the table pycocotools' ``summarize()`` prints (captured, not printed)."""
+    result = coco_evaluate_full(ground_truth, results, image_ids)
+    return result.metrics, result.summary
+
+
+def coco_evaluate_full(
+    ground_truth: dict, results: Sequence[dict], image_ids: Sequence[int] | None = None
+) -> CocoResult:
+    """The metrics, pycocotools' summary and the per-class figures (``engine.per_class``) of ``results``."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -111,7 +132,8 @@ def coco_evaluate_with_summary(
     with contextlib.redirect_stdout(summary):
         evaluator.summarize()
     metrics = {name: float(value) for name, value in zip(METRIC_NAMES, evaluator.stats, strict=False)}
-    return metrics, summary.getvalue()
+    classes = per_class(evaluator)
+    return CocoResult({**metrics, **flat_metrics(classes)}, summary.getvalue(), classes)
 
 
 def _load_results(truth, results: Sequence[dict]):

@@ -9,16 +9,19 @@ from dataclasses import dataclass
 import torch
 
 from engine import collectives
-from engine.coco_eval import coco_evaluate, detections_to_coco, merge_results
+from engine.coco_eval import coco_evaluate_full, detections_to_coco, merge_results
+from engine.per_class import ClassResult
 from pipeline import storage
 from pipeline.loader import Dataset, DetectionLoader, LoaderConfig
 
 
 @dataclass
 class Evaluation:
-    metrics: dict[str, float] | None  # rank 0 only
+    metrics: dict[str, float] | None  # rank 0 only: COCO's 12 less 3, then AP/<class> and AP50/<class>
     num_images: int
     samples: list[tuple[torch.Tensor, dict, dict]]  # (image [3, h, w], detections, ground truth) of a first batch
+    classes: list[ClassResult] | None = None  # rank 0 only: per class figures and operating points
+    results: list[dict] | None = None  # rank 0 only: the detections as COCO results records
 
 
 @torch.no_grad()
@@ -70,8 +73,9 @@ def evaluate(
     net.train(was_training)
     parts = collectives.gather_objects((results, image_ids))
     all_ids = sorted({i for _, ids in parts for i in ids})
-    metrics = None
-    if rank == 0:
-        truth = json.loads(storage.read_bytes(dataset.ground_truth_uri))
-        metrics = coco_evaluate(truth, merge_results([r for r, _ in parts]), all_ids)
-    return Evaluation(metrics=metrics, num_images=len(all_ids), samples=samples)
+    if rank != 0:
+        return Evaluation(metrics=None, num_images=len(all_ids), samples=samples)
+    truth = json.loads(storage.read_bytes(dataset.ground_truth_uri))
+    merged = merge_results([r for r, _ in parts])
+    scored = coco_evaluate_full(truth, merged, all_ids)
+    return Evaluation(scored.metrics, len(all_ids), samples, scored.classes, merged)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ class Predictor:
     categories: list[dict]
     device: torch.device
     uri: str  # the checkpoint it was loaded from
+    thresholds: dict | None = None  # the checkpoint's thresholds.json (engine.per_class), if it has one
 
     @property
     def class_names(self) -> list[str]:
@@ -59,4 +61,26 @@ def load_predictor(uri: str, workdir: Path, device: str = "cpu") -> Predictor:
         {"id": i + 1, "name": f"class {i}", "label": i} for i in range(cfg.model.num_classes)
     ]
     dev = torch.device(device)
-    return Predictor(cfg, net.to(dev).eval(), postprocess, categories, dev, uri)
+    saved = directory / ckpt.THRESHOLDS
+    thresholds = json.loads(saved.read_text()) if saved.exists() else None
+    return Predictor(cfg, net.to(dev).eval(), postprocess, categories, dev, uri, thresholds)
+
+
+def class_thresholds(spec: str, class_names: list[str], saved: dict | None, where: str) -> torch.Tensor:
+    """``[K]`` score thresholds by label: ``spec`` a number for every class, or ``auto`` for each class's
+    best-F1 threshold of ``saved`` (a thresholds.json, from ``where``). ``ValueError`` with what to do."""
+    if spec != "auto":
+        try:
+            return torch.full((len(class_names),), float(spec))
+        except ValueError:
+            raise ValueError(f"--score-thresh {spec!r}: give a number (e.g. 0.3) or auto") from None
+    if not saved or "classes" not in saved:
+        raise ValueError(
+            f"--score-thresh auto: {where} has no thresholds.json (it holds those of an evaluation); run "
+            "python jobs/evaluate.py --checkpoint ... --data VAL --out DIR and add --thresholds DIR/thresholds.json"
+        )
+    per_class = saved["classes"]
+    missing = [n for n in class_names if n not in per_class]
+    if missing:
+        raise ValueError(f"--score-thresh auto: {where} has no threshold for {', '.join(missing[:5])}")
+    return torch.tensor([float(per_class[n]["threshold"]) for n in class_names])

@@ -56,13 +56,18 @@ class ProgressLog:
         if self.rank != 0:
             return
         from engine.coco_eval import format_metrics_table
+        from engine.per_class import format_table, thresholds
         from engine.visualize import denormalize, draw_detections, grid, plot_curves
 
+        per_class = f"\n{format_table(result.classes)}" if result.classes else ""
         print(
-            f"evaluation at step {step} on {result.num_images} images\n{format_metrics_table(result.metrics)}",
+            f"evaluation at step {step} on {result.num_images} images\n{format_metrics_table(result.metrics)}"
+            f"{per_class}",
             flush=True,
         )
         self._record({"step": step, **result.metrics})
+        if result.classes:
+            (self.log_dir / "thresholds.json").write_text(json.dumps(thresholds(result.classes), indent=1))
         names = {c["label"]: c["name"] for c in dataset.manifest["categories"]}
         class_names = [names[i] for i in range(len(names))]
         drawn = [
@@ -84,7 +89,8 @@ class ProgressLog:
 
     def files(self) -> tuple[Path, ...]:
         """The progress files a checkpoint carries a copy of, so that they reach the run's storage."""
-        paths = (self.log_dir / "metrics.jsonl", self.log_dir / "curves.png", self.predictions_png)
+        paths = (self.log_dir / "metrics.jsonl", self.log_dir / "curves.png", self.predictions_png,
+                 self.log_dir / "thresholds.json")  # fmt: skip
         return tuple(p for p in paths if p is not None and p.exists())
 
     def close(self) -> None:

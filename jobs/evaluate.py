@@ -1,6 +1,11 @@
-"""COCO-evaluate any checkpoint on any converted dataset and write the metrics as JSON.
+"""COCO-evaluate any checkpoint on any converted dataset: the 12 COCO numbers and, per class, AP, AP50,
+AP75, ground-truth boxes and the score that maximises F1 at IoU 0.5 (from pycocotools' own arrays).
 
-python jobs/evaluate.py --checkpoint runs/demo/checkpoint_00000400 --data data/demo/val [--output m.json]
+python jobs/evaluate.py --checkpoint runs/demo/best --data data/demo/val [--out DIR] [--output m.json]
+
+``--out DIR`` (local or s3://) gets metrics.json, thresholds.json (per class: the best-F1 score threshold
+with its precision and recall, what ``predict.py --score-thresh auto`` reads), detections.json (COCO
+results records) and pr_curves.png (precision/recall per class at IoU 0.5 and 0.75).
 """
 
 from __future__ import annotations
@@ -19,6 +24,23 @@ CHECKPOINT_HELP = (
 )
 
 
+def write_outputs(out: str, result, checkpoint: str, data: str) -> list[str]:
+    """metrics.json, thresholds.json, detections.json and pr_curves.png under ``out``; their URIs."""
+    from engine.per_class import plot_pr_curves, thresholds
+    from pipeline import storage
+
+    paths = {n: storage.join(out, n) for n in ("metrics.json", "thresholds.json", "detections.json", "pr_curves.png")}
+    files = {
+        "metrics.json": {"checkpoint": checkpoint, "data": data, **result.metrics},
+        "thresholds.json": {"checkpoint": checkpoint, "data": data, **thresholds(result.classes)},
+        "detections.json": result.results,
+    }
+    for name, content in files.items():
+        storage.write_bytes(paths[name], json.dumps(content, indent=1 if name != "detections.json" else None).encode())
+    plot_pr_curves(result.classes, paths["pr_curves.png"])
+    return list(paths.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -28,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--data", required=True, help="a converted dataset (folder or URI with manifest.json)")
     ap.add_argument("--output", type=Path, help="metrics JSON (default: print only)")
+    ap.add_argument("--out", help="folder or URI for metrics.json, thresholds.json, detections.json, pr_curves.png")
     ap.add_argument("--max-images", type=int)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
@@ -36,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.coco_eval import format_metrics_table
     from engine.evaluate import evaluate
     from engine.inference import load_predictor
+    from engine.per_class import format_table
     from pipeline.loader import open_dataset
     from pipeline.storage import StorageError
 
@@ -56,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{predictor.uri}: {result.num_images} images\n{format_metrics_table(result.metrics)}")
+    print(format_table(result.classes))
+    if args.out:
+        try:
+            print(f"wrote {', '.join(write_outputs(args.out, result, args.checkpoint, args.data))}")
+        except StorageError as e:
+            print(f"error: cannot write to {args.out}: {e}", file=sys.stderr)
+            return 2
     if args.output:
         args.output.write_text(
             json.dumps({"checkpoint": args.checkpoint, "data": args.data, **result.metrics}, indent=1)

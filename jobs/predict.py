@@ -1,6 +1,9 @@
 """Draw a checkpoint's detections on any images and write them as PNG and JSON.
 
-python jobs/predict.py --checkpoint runs/demo/checkpoint_00000400 --images DIR --output DIR
+python jobs/predict.py --checkpoint runs/demo/best --images DIR --output DIR [--score-thresh 0.3|auto]
+
+``--score-thresh auto`` keeps, per class, the detections at or above the score that maximised F1 at IoU 0.5
+in the last evaluation (the checkpoint's thresholds.json, or ``--thresholds FILE`` from jobs/evaluate.py).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--images", type=Path, required=True, help="a folder of images")
     ap.add_argument("--output", type=Path, required=True)
-    ap.add_argument("--score-thresh", type=float, default=0.3)
+    ap.add_argument("--score-thresh", default="0.3", help="a number, or auto: per class, from thresholds.json")
+    ap.add_argument("--thresholds", help="a thresholds.json (jobs/evaluate.py --out) for --score-thresh auto")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     files = sorted(p for p in args.images.glob("*") if p.suffix.lower() in EXTENSIONS) if args.images.is_dir() else []
@@ -39,13 +43,18 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from PIL import Image
 
-    from engine.inference import load_predictor
+    from engine.inference import class_thresholds, load_predictor
     from engine.visualize import draw_detections
+    from pipeline import storage
     from pipeline.storage import StorageError
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
             predictor = load_predictor(str(args.checkpoint), Path(tmp), args.device)
+        saved, where = predictor.thresholds, predictor.uri
+        if args.thresholds:
+            saved, where = json.loads(storage.read_bytes(args.thresholds)), args.thresholds
+        thresholds = class_thresholds(args.score_thresh, predictor.class_names, saved, where)
     except (ValueError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -58,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipping {path.name}: not a readable image ({e})", file=sys.stderr)
             continue
         det = predictor.predict(rgb)
-        keep = det["scores"] >= args.score_thresh
-        drawn = draw_detections(rgb, det["boxes"], det["labels"], det["scores"], names, score_thresh=args.score_thresh)
+        keep = det["scores"] >= thresholds[det["labels"]]
+        kept = det["boxes"][keep], det["labels"][keep], det["scores"][keep]
+        drawn = draw_detections(rgb, *kept, names, score_thresh=0.0)
         drawn.save(args.output / f"{path.stem}.png")
         records = []
         for box, score, label in zip(det["boxes"][keep], det["scores"][keep], det["labels"][keep], strict=True):

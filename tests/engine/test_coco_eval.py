@@ -49,7 +49,9 @@ def perfect_results(shift: float = 0.0) -> list[dict]:
 
 def test_perfect_detections_score_one() -> None:
     metrics = coco_evaluate(ground_truth(), perfect_results())
-    assert list(metrics) == list(METRIC_NAMES)
+    names = ("class3", "class7", "class12")
+    assert list(metrics) == [*METRIC_NAMES, *(f"{k}/{n}" for n in names for k in ("AP", "AP50"))]
+    assert all(metrics[f"AP/{n}"] == pytest.approx(1.0) for n in names)
     for name in METRIC_NAMES:
         if name != "AR1":  # AR1 allows one detection per image: images 1 and 3 have several boxes of class 3
             assert metrics[name] == pytest.approx(1.0), name
@@ -66,7 +68,8 @@ def test_shifted_boxes_pass_iou_half_not_three_quarters() -> None:
 
 def test_empty_results_give_zeros() -> None:
     metrics, summary = coco_evaluate_with_summary(ground_truth(), [])
-    assert metrics == {name: 0.0 for name in METRIC_NAMES}
+    assert {k: v for k, v in metrics.items() if k in METRIC_NAMES} == {name: 0.0 for name in METRIC_NAMES}
+    assert metrics["AP/class3"] == 0.0 and metrics["AP50/class12"] == 0.0
     assert "Average Precision" in summary
 
 
@@ -180,5 +183,56 @@ def test_matches_pycocotools_on_coco128(coco128, tmp_path) -> None:
         evaluator.accumulate()
         evaluator.summarize()
     expected = dict(zip(METRIC_NAMES, (float(s) for s in evaluator.stats), strict=False))
-    assert ours == expected
+    assert {k: ours[k] for k in METRIC_NAMES} == expected
     assert 0.1 < ours["AP"] < 0.9 and not math.isnan(ours["AP"])
+    # Per class: the same as pycocotools evaluating that one class alone (its own AP, summarised).
+    names = {c["id"]: c["name"] for c in truth["categories"]}
+    for cat in (1, 3, 62):
+        with contextlib.redirect_stdout(io.StringIO()):
+            alone = COCOeval(coco_gt, coco_dt, "bbox")
+            alone.params.imgIds, alone.params.catIds = subset, [cat]
+            alone.evaluate()
+            alone.accumulate()
+            alone.summarize()
+        assert ours[f"AP/{names[cat]}"] == pytest.approx(alone.stats[0], abs=1e-12), names[cat]
+        assert ours[f"AP50/{names[cat]}"] == pytest.approx(alone.stats[1], abs=1e-12), names[cat]
+
+
+def test_per_class_figures_and_the_best_f1_operating_point_by_hand() -> None:
+    """class7 has 3 boxes; its detections: a hit at 0.9, a miss at 0.8, a hit at 0.6, a miss at 0.5, a hit at 0.3.
+    Interpolated precision at IoU 0.5: 1 up to recall 1/3, 2/3 up to 2/3, 3/5 up to 1. F1 at those ends:
+    0.5, 0.667, 0.75: the best is at recall 1, reached by the detection of score 0.3."""
+    from engine.coco_eval import coco_evaluate_full
+    from engine.per_class import format_table, thresholds
+
+    truth = ground_truth()
+    hits = [r for r in perfect_results() if r["category_id"] == 7]  # (1, 50, 60), (2, 300, 200), (3, 250, 30)
+    for r, score in zip(hits, (0.9, 0.6, 0.3), strict=True):
+        r["score"] = score
+    misses = [{"image_id": 1, "category_id": 7, "bbox": [500.0, 400.0, 30.0, 30.0], "score": s} for s in (0.8, 0.5)]
+    others = [r for r in perfect_results() if r["category_id"] != 7]
+    result = coco_evaluate_full(truth, [*hits, *misses, *others])
+    c7 = next(c for c in result.classes if c.name == "class7")
+    assert c7.gt == 3 and c7.category_id == 7
+    # 101 recall points: 0..0.33 (34 points) at 1, 0.34..0.66 (33) at 2/3, 0.67..1 (34) at 3/5.
+    assert c7.AP50 == pytest.approx((34 * 1.0 + 33 * 2 / 3 + 34 * 3 / 5) / 101)
+    assert c7.threshold == pytest.approx(0.3) and c7.recall == pytest.approx(1.0) and c7.precision == pytest.approx(0.6)
+    assert c7.f1 == pytest.approx(0.75)
+    assert result.metrics["AP50/class7"] == c7.AP50 and result.metrics["AP/class3"] == pytest.approx(1.0)
+    saved = thresholds(result.classes)["classes"]
+    assert saved["class7"]["threshold"] == pytest.approx(0.3) and saved["class3"]["precision"] == pytest.approx(1.0)
+    assert "class7" in format_table(result.classes)
+
+
+def test_score_thresholds_auto_need_a_thresholds_file() -> None:
+    from engine.inference import class_thresholds
+
+    saved = {"classes": {"a": {"threshold": 0.4}, "b": {"threshold": 0.2}}}
+    assert class_thresholds("auto", ["b", "a"], saved, "x").tolist() == pytest.approx([0.2, 0.4])
+    assert class_thresholds("0.3", ["a", "b"], None, "x").tolist() == pytest.approx([0.3, 0.3])
+    with pytest.raises(ValueError, match="has no thresholds.json.*jobs/evaluate.py .* --out DIR"):
+        class_thresholds("auto", ["a"], None, "runs/x/checkpoint_00000010")
+    with pytest.raises(ValueError, match="no threshold for c"):
+        class_thresholds("auto", ["a", "c"], saved, "x")
+    with pytest.raises(ValueError, match="give a number"):
+        class_thresholds("high", ["a"], None, "x")

@@ -126,15 +126,37 @@ def test_two_workers_learn_checkpoint_to_s3_and_evaluate_like_pycocotools(data, 
         data["val"],
         "--output",
         str(out),
+        "--out",
+        str(tmp_path / "eval"),
     ]
     subprocess.run(job, check=True, cwd=ROOT, capture_output=True, timeout=300)
     assert json.loads(out.read_text())["AP"] == pytest.approx(result.metrics["AP"], abs=1e-9)
+    # Its per-class files: thresholds for every class, detections that pycocotools scores the same.
+    names = [c["name"] for c in sorted(val.manifest["categories"], key=lambda c: c["label"])]
+    saved = json.loads((tmp_path / "eval" / "thresholds.json").read_text())
+    assert set(saved["classes"]) == set(names)
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())[f"AP/{names[0]}"] == pytest.approx(
+        result.metrics[f"AP/{names[0]}"], abs=1e-9)  # fmt: skip
+    again = COCOeval(gt, gt.loadRes(str(tmp_path / "eval" / "detections.json")), "bbox")
+    again.evaluate()
+    again.accumulate()
+    again.summarize()
+    assert again.stats[0] == pytest.approx(evaluator.stats[0], abs=1e-9)
+    assert (tmp_path / "eval" / "pr_curves.png").stat().st_size > 0
+    # The checkpoint saved after the evaluation carries the same operating points.
+    carried = json.loads(storage.read_bytes(f"{checkpoint_uri}/{ckpt.THRESHOLDS}"))
+    assert carried["classes"] == saved["classes"]
     images = Path(data["val"]).parent.parent / "raw" / "val" / "images"
     predict = [sys.executable, "jobs/predict.py", "--checkpoint", checkpoint_uri, "--images", str(images),
                "--output", str(tmp_path / "pred"), "--score-thresh", "0.05"]  # fmt: skip
     subprocess.run(predict, check=True, cwd=ROOT, capture_output=True, timeout=300)
     assert len(list((tmp_path / "pred").glob("*.png"))) == len(list(images.glob("*.jpg"))) == 16
     assert "detections" in json.loads(next((tmp_path / "pred").glob("*.json")).read_text())
+    auto = [*predict[:-2], "--score-thresh", "auto", "--output", str(tmp_path / "auto")]
+    subprocess.run(auto, check=True, cwd=ROOT, capture_output=True, timeout=300)
+    for path in (tmp_path / "auto").glob("*.json"):
+        for d in json.loads(path.read_text())["detections"]:
+            assert d["score"] >= round(saved["classes"][d["class"]]["threshold"], 4) - 1e-4
     bad = subprocess.run([sys.executable, "jobs/evaluate.py", "--checkpoint", str(tmp_path), "--data", data["val"]],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and "not a checkpoint directory" in bad.stderr
