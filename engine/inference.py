@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,6 @@ import torch
 from engine import checkpoint as ckpt
 from engine.config import TrainConfig, from_dict
 from model import build_retinanet
-from pipeline.dali import MEAN, SIZE_DIVISOR, STD
 
 
 @dataclass
@@ -30,23 +29,25 @@ class Predictor:
         return [c["name"] for c in sorted(self.categories, key=lambda c: c["label"])]
 
     @torch.no_grad()
-    def predict(self, rgb: np.ndarray) -> dict[str, torch.Tensor]:
-        """``rgb [H, W, 3]`` uint8 -> detections in its pixels, resized as in evaluation."""
-        from PIL import Image
+    def predict_images(self, images: list[tuple[bytes, int, int]]) -> list[dict[str, torch.Tensor]]:
+        """``(JPEG bytes, height, width)`` per image -> its detections (``boxes [D, 4]`` xyxy in its own pixels,
+        ``scores [D]``, ``labels [D]``), through the evaluation's own DALI pipeline and batch size (one
+        preprocessing path: what predict.py draws is what evaluate.py scores)."""
+        from pipeline.loader import DetectionLoader
+        from pipeline.reader import Sample
 
-        aug = self.cfg.data.loader.aug
-        h, w = rgb.shape[:2]
-        scale = min(aug.eval_size / min(h, w), aug.max_size / max(h, w))
-        nh, nw = round(h * scale), round(w * scale)
-        resized = np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.BILINEAR), dtype=np.float32)
-        image = (torch.from_numpy(resized) - torch.tensor(MEAN)) / torch.tensor(STD)
-        ph, pw = -(-nh // SIZE_DIVISOR) * SIZE_DIVISOR, -(-nw // SIZE_DIVISOR) * SIZE_DIVISOR
-        batch = torch.zeros(1, 3, ph, pw)
-        batch[0, :, :nh, :nw] = image.permute(2, 0, 1)
-        det = self.postprocess(self.net(batch.to(self.device)), [(nh, nw)])[0]
-        det = {k: v.cpu() for k, v in det.items()}
-        det["boxes"] = det["boxes"] * torch.tensor([w / nw, h / nh, w / nw, h / nh])
-        return det
+        samples = [Sample(str(i), data, i, h, w, np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
+                   for i, (data, h, w) in enumerate(images)]  # fmt: skip
+        cfg = replace(self.cfg.data.loader, batch_size=self.cfg.data.eval_batch_size)
+        device_id = self.device.index if self.device.type == "cuda" else None
+        loader = DetectionLoader.over_samples(samples, self.cfg.model.num_classes, cfg, device_id)
+        out: list[dict[str, torch.Tensor]] = [{} for _ in samples]
+        for batch in loader:
+            batch = batch.to(self.device)
+            for i, det in enumerate(self.postprocess(self.net(batch.images), batch.image_sizes)):
+                det = {**det, "boxes": batch.scale_to_original(det["boxes"], i)}
+                out[int(batch.image_ids[i])] = {k: v.cpu() for k, v in det.items()}
+        return out
 
 
 def load_predictor(uri: str, workdir: Path, device: str = "cpu") -> Predictor:

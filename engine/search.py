@@ -23,11 +23,12 @@ from engine.driver import absolute, check_shared_storage, fit, init_ray, preflig
 from engine.recipes import get_recipe
 from engine.spaces import Param, as_override, resolve
 from pipeline import storage
+from pipeline.loader import open_dataset
 
 SCHEDULERS = ("asha", "fifo")
 SEARCHERS = ("random", "optuna")
 DRIVER_CPU = 0.25  # each trial's driver function only waits on its workers (Tune refuses 0)
-METRIC = "AP"  # COCO AP on the validation split, reported at every evaluation
+METRIC = "AP"  # COCO AP on the validation split, reported at every evaluation: the default to rank by
 
 
 @dataclass(kw_only=True)
@@ -45,6 +46,7 @@ class SearchConfig:
     grace_period: int | None = None  # steps before ASHA may stop a trial; default: eval.every
     reduction_factor: int = 2
     max_concurrent: int | None = None  # default: as many as the cluster's resources hold
+    metric: str = METRIC  # what trials are ranked and stopped by: a COCO number, AP/<class> or AP50/<class>
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -65,8 +67,23 @@ class SearchConfig:
 def base_config(search: SearchConfig) -> TrainConfig:
     cfg = apply_overrides(get_recipe(search.recipe), search.overrides)
     if not cfg.data.val_uri:
-        raise ValueError(f"a search ranks trials by validation {METRIC}: set data.val_uri")
+        raise ValueError(f"a search ranks trials by validation {search.metric}: set data.val_uri")
     return cfg
+
+
+def check_metric(metric: str, class_names: list[str]) -> None:
+    """``metric`` is one that every evaluation reports: a COCO summary number (``METRIC_NAMES``) or
+    ``AP/<class>`` / ``AP50/<class>`` for a class of the validation data; ``ValueError`` otherwise."""
+    from engine.coco_eval import METRIC_NAMES
+
+    kind, sep, name = metric.partition("/")
+    if not sep and metric in METRIC_NAMES:
+        return
+    if sep and kind in ("AP", "AP50") and name in class_names:
+        return
+    shown = ", ".join(class_names[:6]) + (", ..." if len(class_names) > 6 else "")
+    raise ValueError(f"--metric {metric!r} is not reported: use one of {', '.join(METRIC_NAMES)}, or AP/<class> or "
+                     f"AP50/<class> with a class of the validation data ({shown})")  # fmt: skip
 
 
 def search_uri(cfg: TrainConfig, search: SearchConfig) -> str:
@@ -133,7 +150,7 @@ def build_tuner(search: SearchConfig, cfg: TrainConfig, params: list[Param], con
         trainable,
         param_space={p.key: p.domain(grid) for p in params},
         tune_config=tune.TuneConfig(
-            metric=METRIC,
+            metric=search.metric,
             mode="max",
             scheduler=_scheduler(search, cfg),
             search_alg=_searcher(search),
@@ -192,6 +209,7 @@ def run_search(search: SearchConfig, resume: bool = False) -> SearchOutcome:
     params = resolve(search.space, cfg, search.params)
     _searcher(search)  # a missing optuna fails here, not after Ray started
     preflight(cfg)
+    check_metric(search.metric, [c["name"] for c in open_dataset(cfg.data.val_uri).manifest["categories"]])
     uri = search_uri(cfg, search)
     record = {**asdict(search), "max_concurrent": None}  # concurrency may change between runs
     saved = f"{uri}/search.json"
@@ -201,7 +219,7 @@ def run_search(search: SearchConfig, resume: bool = False) -> SearchOutcome:
     if started and not resume:
         raise ValueError(f"a search named {search.name!r} exists at {uri}: add --resume to continue it, or pick --name")
     if resume:
-        before = {**json.loads(storage.read_bytes(saved)), "max_concurrent": None}
+        before = {"metric": METRIC, **json.loads(storage.read_bytes(saved)), "max_concurrent": None}
         if before != record:
             raise ValueError(f"--resume must repeat the search's arguments; it was started with {before}")
     init_ray(cfg.log.verbose)

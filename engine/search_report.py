@@ -24,16 +24,27 @@ FINISHED, STOPPED, ERROR = "finished", "stopped", "error"
 METRIC_COLUMNS = ("AP", "AP50", "best_AP", "loss", "step")
 
 
-def rows_from_grid(grid, params: Sequence[Param], max_iters: int) -> list[dict[str, Any]]:
+def metric_columns(metric: str = "AP") -> tuple[str, ...]:
+    """The report's metric columns: the ranked ``metric`` and its best first, then AP, AP50, loss, step."""
+    if metric == "AP":
+        return METRIC_COLUMNS
+    return (metric, f"best_{metric}", "AP", "AP50", "loss", "step")
+
+
+def _values(history, key: str) -> list[float]:
+    return [] if history is None or key not in history else [a for a in history[key].tolist() if _finite(a)]
+
+
+def rows_from_grid(grid, params: Sequence[Param], max_iters: int, metric: str = "AP") -> list[dict[str, Any]]:
     """One row per trial of a Tune ``ResultGrid``: ``trial``, ``status`` (finished, stopped early by the
-    scheduler, or error), each searched value by its label, ``AP``/``AP50`` at the last evaluation,
-    ``best_AP`` over all evaluations, the last ``loss`` and ``step``, and ``error`` (first line)."""
+    scheduler, or error), each searched value by its label, ``AP``/``AP50`` (and ``metric``) at the last
+    evaluation, ``best_AP`` (``best_<metric>``) over all evaluations, the last ``loss`` and ``step``, and
+    ``error`` (first line). Sorted best ``metric`` first."""
     rows = []
     for result in grid:
         metrics = result.metrics or {}
         history = result.metrics_dataframe
-        aps = [] if history is None or "AP" not in history else [a for a in history["AP"].tolist() if _finite(a)]
-        ap50s = [] if history is None or "AP50" not in history else [a for a in history["AP50"].tolist() if _finite(a)]
+        aps, ap50s, ranked = _values(history, "AP"), _values(history, "AP50"), _values(history, metric)
         step = metrics.get("step")
         if result.error is not None:
             status = ERROR
@@ -53,8 +64,9 @@ def rows_from_grid(grid, params: Sequence[Param], max_iters: int) -> list[dict[s
             step=step,
             error=_first_line(result.error) if result.error is not None else "",
         )
+        row.update({metric: ranked[-1] if ranked else None, f"best_{metric}": max(ranked) if ranked else None})
         rows.append(row)
-    return sorted(rows, key=lambda r: (r["status"] == ERROR, -(r["AP"] if r["AP"] is not None else -1.0)))
+    return sorted(rows, key=lambda r: (r["status"] == ERROR, -(r[metric] if r[metric] is not None else -1.0)))
 
 
 def trial_params(trial_dir: str) -> dict[str, Any]:
@@ -67,12 +79,12 @@ def trial_params(trial_dir: str) -> dict[str, Any]:
         return {}
 
 
-def best_row(rows: Sequence[dict]) -> dict | None:
-    """The finished trial with the highest final AP (a trial stopped early only if none finished)."""
+def best_row(rows: Sequence[dict], metric: str = "AP") -> dict | None:
+    """The finished trial with the highest final ``metric`` (a trial stopped early only if none finished)."""
     for wanted in ((FINISHED,), (FINISHED, STOPPED)):
-        scored = [r for r in rows if r["status"] in wanted and r["AP"] is not None]
+        scored = [r for r in rows if r["status"] in wanted and r.get(metric) is not None]
         if scored:
-            return max(scored, key=lambda r: r["AP"])
+            return max(scored, key=lambda r: r[metric])
     return None
 
 
@@ -82,10 +94,11 @@ def best_command(row: dict, params: Sequence[Param], recipe: str, overrides: Seq
     return " ".join(["python", "jobs/train.py", "--recipe", recipe, *(f"--set {shlex.quote(s)}" for s in sets)])
 
 
-def format_table(rows: Sequence[dict], params: Sequence[Param]) -> str:
+def format_table(rows: Sequence[dict], params: Sequence[Param], metric: str = "AP") -> str:
     """A fixed-width text table of ``rows``, best first."""
-    columns = ["trial", "status", *(p.label for p in params), *METRIC_COLUMNS]
-    cells = [[_cell(r.get(c), c in METRIC_COLUMNS) for c in columns] for r in rows]
+    shown = metric_columns(metric)
+    columns = ["trial", "status", *(p.label for p in params), *shown]
+    cells = [[_cell(r.get(c), c in shown) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
@@ -93,49 +106,52 @@ def format_table(rows: Sequence[dict], params: Sequence[Param]) -> str:
     return "\n".join(lines)
 
 
-def write_results(uri: str, rows: Sequence[dict], params: Sequence[Param], cfg: TrainConfig) -> list[str]:
+def write_results(
+    uri: str, rows: Sequence[dict], params: Sequence[Param], cfg: TrainConfig, metric: str = "AP"
+) -> list[str]:
     """``results.csv``, ``results.json`` and ``results.png`` under ``uri`` (local or object storage)."""
-    columns = ["trial", "status", *(p.label for p in params), *METRIC_COLUMNS, "error"]
+    columns = ["trial", "status", *(p.label for p in params), *metric_columns(metric), "error"]
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()} for r in rows)
     paths = [f"{uri}/results.csv", f"{uri}/results.json", f"{uri}/results.png"]
     storage.write_bytes(paths[0], text.getvalue().encode())
-    summary = {"metric": "AP", "max_iters": cfg.optim.max_iters, "trials": list(rows)}
+    summary = {"metric": metric, "max_iters": cfg.optim.max_iters, "trials": list(rows)}
     storage.write_bytes(paths[1], json.dumps(summary, indent=1).encode())
-    title = f"{cfg.recipe}: validation AP after up to {cfg.optim.max_iters} steps"
-    storage.write_bytes(paths[2], plot(rows, params, title=title))
+    title = f"{cfg.recipe}: validation {metric} after up to {cfg.optim.max_iters} steps"
+    storage.write_bytes(paths[2], plot(rows, params, title=title, metric=metric))
     return paths
 
 
-def plot(rows: Sequence[dict], params: Sequence[Param], title: str) -> bytes:
+def plot(rows: Sequence[dict], params: Sequence[Param], title: str, metric: str = "AP") -> bytes:
     """PNG bytes: an alpha x gamma heat map of AP when both focal keys are searched over values, else one
     panel of AP per searched key. Trials stopped early are hollow markers (or marked in the cell)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    scored = [r for r in rows if r["status"] != ERROR and r["AP"] is not None]
+    scored = [{**r, "AP": r.get(metric)} for r in rows if r["status"] != ERROR and r.get(metric) is not None]
     labels = {p.label for p in params if p.values}
     heat = {"focal_alpha", "focal_gamma"} <= labels
     panels = [] if heat else [p for p in params]
     fig = Figure(figsize=(6.5, 5) if heat else (4.5 * max(1, len(panels)), 4), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     if heat:
-        _heat_map(fig.subplots(), scored)
+        _heat_map(fig.subplots(), scored, metric)
     else:
         axes = fig.subplots(1, max(1, len(panels)), squeeze=False)[0]
         for ax, p in zip(axes, panels, strict=False):
-            _scatter(ax, p, scored)
+            _scatter(ax, p, scored, metric)
     fig.suptitle(title)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
 
 
-def _heat_map(ax, rows: Sequence[dict]) -> None:
+def _heat_map(ax, rows: Sequence[dict], metric: str = "AP") -> None:
+    """``rows[...]["AP"]`` holds the plotted ``metric``'s value."""
     if not rows:
-        ax.text(0.5, 0.5, "no trial reported AP", ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.text(0.5, 0.5, f"no trial reported {metric}", ha="center", va="center", transform=ax.transAxes, color="gray")
         return
     alphas = sorted({r["focal_alpha"] for r in rows})
     gammas = sorted({r["focal_gamma"] for r in rows})
@@ -147,7 +163,7 @@ def _heat_map(ax, rows: Sequence[dict]) -> None:
             grid[i][j] = r["AP"]
             notes[i][j] = "" if r["status"] == FINISHED else f"\nstopped @{r['step']}"
     image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
-    ax.figure.colorbar(image, ax=ax, label="AP")
+    ax.figure.colorbar(image, ax=ax, label=metric)
     ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
     ax.set_yticks(range(len(gammas)), [f"{g:g}" for g in gammas])
     ax.set_xlabel("focal α")
@@ -161,7 +177,7 @@ def _heat_map(ax, rows: Sequence[dict]) -> None:
             ax.text(j, i, text, ha="center", va="center", color=color, fontsize=9)
 
 
-def _scatter(ax, param: Param, rows: Sequence[dict]) -> None:
+def _scatter(ax, param: Param, rows: Sequence[dict], metric: str = "AP") -> None:
     values = [r[param.label] for r in rows]
     numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
     categories = [] if numeric else sorted({_cell(v) for v in values})
@@ -180,7 +196,7 @@ def _scatter(ax, param: Param, rows: Sequence[dict]) -> None:
     if not numeric:
         ax.set_xticks(range(len(categories)), categories, rotation=20)
     ax.set_xlabel(param.label)
-    ax.set_ylabel("AP")
+    ax.set_ylabel(metric)
     ax.grid(True, alpha=0.3)
     if rows:
         ax.legend()

@@ -1,4 +1,6 @@
-"""Draw a checkpoint's detections on any images and write them as PNG and JSON.
+"""Draw a checkpoint's detections on any images and write them as PNG and JSON. The images go through the
+evaluation's own DALI pipeline (decode, resize, normalisation, padding; other formats than JPEG re-encoded as
+jobs/convert.py does), so the detections are the ones jobs/evaluate.py scores.
 
 python jobs/predict.py --checkpoint runs/demo/best --images DIR --output DIR [--score-thresh 0.3|auto]
 
@@ -9,6 +11,7 @@ in the last evaluation (the checkpoint's thresholds.json, or ``--thresholds FILE
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import tempfile
@@ -21,6 +24,28 @@ CHECKPOINT_HELP = (
 )
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+CHUNK = 64  # images read and predicted at a time
+
+
+def read_image(path: Path) -> tuple[bytes, int, int] | None:
+    """``(JPEG bytes, height, width)`` as jobs/convert.py would put it in a shard (other formats re-encoded),
+    or None with a message when the file is not a decodable image."""
+    from PIL import Image
+
+    from pipeline.images import check_image
+
+    data = path.read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except OSError as e:
+        print(f"skipping {path.name}: not a readable image ({e})", file=sys.stderr)
+        return None
+    checked = check_image(data, width, height)
+    if checked.jpeg is None:
+        print(f"skipping {path.name}: {checked.reason}", file=sys.stderr)
+        return None
+    return checked.jpeg, height, width
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,25 +85,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.output.mkdir(parents=True, exist_ok=True)
     names = predictor.class_names
-    for path in files:
-        try:
-            rgb = np.asarray(Image.open(path).convert("RGB"))
-        except OSError as e:
-            print(f"skipping {path.name}: not a readable image ({e})", file=sys.stderr)
-            continue
-        det = predictor.predict(rgb)
-        keep = det["scores"] >= thresholds[det["labels"]]
-        kept = det["boxes"][keep], det["labels"][keep], det["scores"][keep]
-        drawn = draw_detections(rgb, *kept, names, score_thresh=0.0)
-        drawn.save(args.output / f"{path.stem}.png")
-        records = []
-        for box, score, label in zip(det["boxes"][keep], det["scores"][keep], det["labels"][keep], strict=True):
-            box_xyxy = [round(v, 2) for v in box.tolist()]
-            records.append({"box_xyxy": box_xyxy, "score": round(float(score), 4), "class": names[int(label)]})
-        (args.output / f"{path.stem}.json").write_text(
-            json.dumps({"image": path.name, "detections": records}, indent=1)
-        )
-        print(f"{path.name}: {len(records)} detections")
+    for start in range(0, len(files), CHUNK):
+        chunk = [(path, read_image(path)) for path in files[start : start + CHUNK]]
+        readable = [(path, image) for path, image in chunk if image is not None]
+        detections = predictor.predict_images([image for _, image in readable])
+        for (path, (jpeg, _, _)), det in zip(readable, detections, strict=True):
+            rgb = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+            keep = det["scores"] >= thresholds[det["labels"]]
+            kept = det["boxes"][keep], det["labels"][keep], det["scores"][keep]
+            draw_detections(rgb, *kept, names, score_thresh=0.0).save(args.output / f"{path.stem}.png")
+            records = [{"box_xyxy": [round(v, 2) for v in box.tolist()], "score": round(float(score), 4),
+                        "class": names[int(label)]} for box, label, score in zip(*kept, strict=True)]  # fmt: skip
+            (args.output / f"{path.stem}.json").write_text(
+                json.dumps({"image": path.name, "detections": records}, indent=1)
+            )
+            print(f"{path.name}: {len(records)} detections")
     print(f"wrote PNG and JSON per image to {args.output}")
     return 0
 

@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--anchors-from", metavar="REPORT",
                     help="start from the anchors fitted by jobs/doctor.py (its report.json) and centre the "
                          "anchors space on them")  # fmt: skip
+    ap.add_argument("--metric", default="AP",
+                    help="rank and stop trials by this validation number: AP (default), AP50, APs, ... or "
+                         "AP/<class>, AP50/<class> for one class")  # fmt: skip
     ap.add_argument("--resume", action="store_true", help="continue the interrupted search of this name")
     return ap.parse_args(argv)
 
@@ -89,21 +92,24 @@ def main(argv: list[str] | None = None) -> int:
             searcher=args.searcher,
             grace_period=args.grace_period,
             max_concurrent=args.max_concurrent,
+            metric=args.metric,
         )
         outcome = run_search(search, resume=args.resume)
     except (ValueError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows = rows_from_grid(outcome.grid, outcome.params, outcome.cfg.optim.max_iters)
-    paths = write_results(outcome.uri, rows, outcome.params, outcome.cfg)
-    print(f"\n{len(rows)} trials, {outcome.concurrency} at a time; validation AP after each trial's last evaluation:")
-    print(format_table(rows, outcome.params))
+    metric = search.metric
+    rows = rows_from_grid(outcome.grid, outcome.params, outcome.cfg.optim.max_iters, metric)
+    paths = write_results(outcome.uri, rows, outcome.params, outcome.cfg, metric)
+    print(f"\n{len(rows)} trials, {outcome.concurrency} at a time; validation {metric} after each trial's last "
+          "evaluation:")  # fmt: skip
+    print(format_table(rows, outcome.params, metric))
     print(f"\nresults: {', '.join(paths)}")
-    best = best_row(rows)
+    best = best_row(rows, metric)
     if best is None:
-        print("no trial reported AP", file=sys.stderr)
+        print(f"no trial reported {metric}", file=sys.stderr)
         return 1
-    print(f"best trial {best['trial']} (AP {best['AP']:.4f}); train it with:")
+    print(f"best trial {best['trial']} ({metric} {best[metric]:.4f}); train it with:")
     print(best_command(best, outcome.params, search.recipe, search.overrides, search.name))
     return 0
 

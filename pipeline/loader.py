@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -84,6 +84,24 @@ class LoaderConfig:
             raise ValueError(f"pad_boxes_to must be >= 0 (0: the batch's largest count), got {self.pad_boxes_to}")
 
 
+class SampleList:
+    """A fixed list of samples, read once in order: a stand-in for an evaluation ``ShardStream``."""
+
+    def __init__(self, samples: list[Sample]) -> None:
+        self.samples = list(samples)
+        self.stats: Counter[str] = Counter()
+        self.seen: dict[int, list[int]] = {}
+
+    def __iter__(self) -> Iterator[Sample]:
+        return iter(self.samples)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 class DetectionLoader:
     """Batches of one rank. ``train``: endless, shuffled, augmented. Evaluation: every image of this
     rank's shards once, unaugmented, the last batch possibly smaller. ``device_id`` set: DALI decodes on
@@ -102,13 +120,15 @@ class DetectionLoader:
         train: bool,
         cfg: LoaderConfig | None = None,
         device_id: int | None = None,
+        streams: list | None = None,
     ) -> None:
+        """``streams``: readers to take instead of the dataset's shards (``over_samples``)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
         self.cfg = cfg or LoaderConfig()
         self.train, self.device_id, self.dataset = train, device_id, dataset
         workers = self.cfg.num_workers
-        self.streams = [
+        self.streams = streams or [
             ShardStream(
                 dataset.shards,
                 group=rank * workers + w,
@@ -125,6 +145,17 @@ class DetectionLoader:
         self._iters: list[Iterator[Sample]] | None = None
         self._next = 0
         self._dropped_boxes = 0
+
+    @classmethod
+    def over_samples(
+        cls, samples: list[Sample], num_classes: int, cfg: LoaderConfig, device_id: int | None = None
+    ) -> DetectionLoader:
+        """Evaluation batches of in-memory samples (images to predict on), in their order, through the
+        same DALI pipeline as evaluation on shards: the same decode, resize, normalisation and padding."""
+        categories = [{"id": i + 1, "label": i, "name": str(i)} for i in range(num_classes)]
+        dataset = Dataset("memory", {"categories": categories}, [])
+        return cls(dataset, rank=0, world_size=1, train=False, cfg=replace(cfg, num_workers=1), device_id=device_id,
+                   streams=[SampleList(samples)])  # fmt: skip
 
     # -- position -------------------------------------------------------------------------------
     def state_dict(self) -> dict:

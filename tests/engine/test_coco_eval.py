@@ -230,7 +230,7 @@ def test_score_thresholds_auto_need_a_thresholds_file() -> None:
     saved = {"classes": {"a": {"threshold": 0.4}, "b": {"threshold": 0.2}}}
     assert class_thresholds("auto", ["b", "a"], saved, "x").tolist() == pytest.approx([0.2, 0.4])
     assert class_thresholds("0.3", ["a", "b"], None, "x").tolist() == pytest.approx([0.3, 0.3])
-    with pytest.raises(ValueError, match="has no thresholds.json.*jobs/evaluate.py .* --out DIR"):
+    with pytest.raises(ValueError, match=r"has no thresholds\.json.*jobs/evaluate\.py .* --out DIR"):
         class_thresholds("auto", ["a"], None, "runs/x/checkpoint_00000010")
     with pytest.raises(ValueError, match="no threshold for c"):
         class_thresholds("auto", ["a", "c"], saved, "x")

@@ -173,6 +173,23 @@ def test_table_files_and_heat_map(tmp_path) -> None:
     assert plot([], params, "no trial reported").startswith(PNG)
 
 
+def test_a_search_ranked_by_one_class_names_its_metric(tmp_path) -> None:
+    from engine.search import check_metric
+
+    rows = [{**r, "AP/dog": ap} for r, ap in zip(_rows(), (0.1, 0.2, 0.6, None), strict=True)]
+    params = resolve("focal", get_recipe("demo"))
+    assert best_row(rows, "AP/dog")["trial"] == "t2"  # the best finished trial by AP/dog, not by AP
+    assert format_table(rows, params, "AP/dog").splitlines()[0].split()[4:6] == ["AP/dog", "best_AP/dog"]
+    write_results(str(tmp_path / "s"), rows, params, get_recipe("demo"), "AP/dog")
+    assert json.loads((tmp_path / "s" / "results.json").read_text())["metric"] == "AP/dog"
+    assert "AP/dog,best_AP/dog" in (tmp_path / "s" / "results.csv").read_text().splitlines()[0]
+    for good in ("AP", "AP50", "APs", "AR100", "AP/dog", "AP50/dog"):
+        check_metric(good, ["cat", "dog"])
+    for bad in ("ap", "AP75/dog", "AP/unicorn", "loss"):
+        with pytest.raises(ValueError, match="is not reported: use one of AP, AP50"):
+            check_metric(bad, ["cat", "dog"])
+
+
 def _has(module: str) -> bool:
     import importlib.util
 
@@ -193,6 +210,7 @@ def test_tune_cli_errors_before_starting(tmp_path, data) -> None:  # noqa: F811
         (["--space", "focal", "--resume"], "no search named 'tiny_cpu-focal'"),
         (["--param", "model.focal_alpha=0.5,7"], "focal_alpha"),
         (["--space", "anchors", "--anchors-from", str(tmp_path / "no.json")], "no report at"),
+        (["--space", "focal", "--metric", "AP/unicorn"], "--metric 'AP/unicorn' is not reported"),
         (["--space", "anchors", "--anchors-from", str(tmp_path / "nofit.json")], "holds no anchor fit"),
         *([(["--space", "lr", "--searcher", "optuna"], "pip install optuna")] if not _has("optuna") else []),
     ]:

@@ -151,7 +151,24 @@ def test_two_workers_learn_checkpoint_to_s3_and_evaluate_like_pycocotools(data, 
                "--output", str(tmp_path / "pred"), "--score-thresh", "0.05"]  # fmt: skip
     subprocess.run(predict, check=True, cwd=ROOT, capture_output=True, timeout=300)
     assert len(list((tmp_path / "pred").glob("*.png"))) == len(list(images.glob("*.jpg"))) == 16
-    assert "detections" in json.loads(next((tmp_path / "pred").glob("*.json")).read_text())
+    # One preprocessing path: predict.py's detections on the image files are evaluate.py's on the shards
+    # (the same boxes and scores, to the 2 and 4 decimals predict.py writes).
+    names = [c["name"] for c in sorted(val.manifest["categories"], key=lambda c: c["label"])]
+    scored = json.loads((tmp_path / "eval" / "detections.json").read_text())
+    cat_names = {c["id"]: c["name"] for c in val.manifest["categories"]}
+    compared = 0
+    for path in sorted((tmp_path / "pred").glob("*.json")):
+        predicted = json.loads(path.read_text())["detections"]
+        image_id = int(path.stem) + 1  # the synthetic set's file 000000.jpg is image 1
+        evaluated = [r for r in scored if r["image_id"] == image_id and r["score"] >= 0.05]
+        assert len(predicted) == len(evaluated), path.name
+        for p, r in zip(sorted(predicted, key=lambda d: -d["score"]), sorted(evaluated, key=lambda d: -d["score"]),
+                        strict=True):  # fmt: skip
+            x, y, w, h = r["bbox"]
+            assert p["class"] == cat_names[r["category_id"]] and p["score"] == pytest.approx(r["score"], abs=1e-4)
+            assert p["box_xyxy"] == pytest.approx([x, y, x + w, y + h], abs=0.01)
+            compared += 1
+    assert compared > 0 and len(names) == len(cat_names)
     auto = [*predict[:-2], "--score-thresh", "auto", "--output", str(tmp_path / "auto")]
     subprocess.run(auto, check=True, cwd=ROOT, capture_output=True, timeout=300)
     for path in (tmp_path / "auto").glob("*.json"):

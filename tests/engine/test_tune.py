@@ -145,14 +145,16 @@ def _resumed_at(run: Path) -> list[int]:
 
 
 def test_optuna_searcher_samples_a_range(data, tmp_path) -> None:  # noqa: F811
-    """Optuna (Ray's integration) proposes learning rates from the ``lr`` space's log-uniform range."""
+    """Optuna (Ray's integration) proposes learning rates from the ``lr`` space's log-uniform range, ranked
+    by one class's AP50 (``--metric AP50/circle``)."""
     pytest.importorskip("optuna")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     sets = [f"data.train_uri={data['train']}", f"data.val_uri={data['val']}", f"checkpoint.storage_path={tmp_path}",
             "scaling.num_workers=1", "optim.max_iters=10", "optim.steps=[8]", "optim.warmup_iters=2", "eval.every=5",
             "eval.max_images=8", "checkpoint.every=5"]  # fmt: skip
-    search = ["--space", "lr", "--searcher", "optuna", "--samples", "2", "--max-concurrent", "2", "--name", "lr"]
+    search = ["--space", "lr", "--searcher", "optuna", "--samples", "2", "--max-concurrent", "2", "--name", "lr",
+              "--metric", "AP50/circle"]  # fmt: skip
     command = [
         sys.executable,
         "jobs/tune.py",
@@ -163,7 +165,10 @@ def test_optuna_searcher_samples_a_range(data, tmp_path) -> None:  # noqa: F811
     ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    trials = json.loads((tmp_path / "lr" / "results.json").read_text())["trials"]
-    assert len(trials) == 2 and all(t["AP"] is not None for t in trials)
+    saved = json.loads((tmp_path / "lr" / "results.json").read_text())
+    trials = saved["trials"]
+    assert len(trials) == 2 and all(t["AP"] is not None and t["AP50/circle"] is not None for t in trials)
+    assert saved["metric"] == "AP50/circle" and trials[0]["AP50/circle"] >= trials[1]["AP50/circle"]
+    assert "(AP50/circle " in done.stdout
     lrs = [t["base_lr"] for t in trials]
     assert len(set(lrs)) == 2 and all(1e-4 <= lr <= 3e-3 for lr in lrs)  # tiny_cpu's 1e-3: /10 .. x3
