@@ -24,11 +24,13 @@ def storage_path(cfg: TrainConfig) -> str:
 
 
 def absolute(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with local relative data and storage paths made absolute against this process's folder, so
-    that workers (whose working folder Ray and Tune choose) read and write where the user meant."""
+    """``cfg`` with local relative data, storage and ``model.init_from`` paths made absolute against this
+    process's folder, so that workers (whose working folder Ray and Tune choose) read and write where the
+    user meant."""
     val = cfg.data.val_uri and storage.absolute(cfg.data.val_uri)
     data = replace(cfg.data, train_uri=storage.absolute(cfg.data.train_uri), val_uri=val)
-    return replace(cfg, data=data, checkpoint=replace(cfg.checkpoint, storage_path=storage_path(cfg)))
+    model = replace(cfg.model, init_from=cfg.model.init_from and storage.absolute(cfg.model.init_from))
+    return replace(cfg, data=data, model=model, checkpoint=replace(cfg.checkpoint, storage_path=storage_path(cfg)))
 
 
 def log_dir(cfg: TrainConfig) -> Path:

@@ -70,3 +70,12 @@ def test_train_cli_errors(args: list[str], message: str) -> None:
     )
     assert done.returncode == 2
     assert re.search(message, done.stderr), done.stderr
+
+
+def test_a_relative_init_from_is_made_absolute_for_the_workers(tmp_path, monkeypatch) -> None:
+    from engine.trainer import absolute
+
+    monkeypatch.chdir(tmp_path)
+    cfg = absolute(apply_overrides(get_recipe("tiny_cpu"), ["model.init_from=runs/demo/best"]))
+    assert cfg.model.init_from == str(tmp_path.resolve() / "runs" / "demo" / "best")  # workers run elsewhere
+    assert absolute(apply_overrides(get_recipe("tiny_cpu"), ["model.init_from=s3://b/x"])).model.init_from == "s3://b/x"
