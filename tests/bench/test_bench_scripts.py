@@ -53,3 +53,10 @@ def test_static_shape_benchmark_runs_every_variant(tmp_path) -> None:
                          for how in ("eager", "compiled (default)")}  # fmt: skip
     assert rows["static eager"]["input_shapes"] == 1 and rows["static compiled (default)"]["graphs"] >= 1
     assert rows["natural eager"]["graphs"] == 0 and "| variant | distinct input shapes" in out
+
+
+def test_export_benchmark_checks_and_times_both_runtimes(tmp_path) -> None:
+    out = _run("bench_export.py", "--quick", "--json", str(tmp_path / "export.json"))
+    result = json.loads((tmp_path / "export.json").read_text())
+    assert [r["batch"] for r in result["rows"]] == [1] and all(d < 1e-4 for d in result["checks"].values())
+    assert result["rows"][0]["ratio"] > 0 and "onnxruntime ms" in out

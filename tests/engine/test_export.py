@@ -76,9 +76,9 @@ def test_exported_model_matches_pytorch_and_checks_again(checkpoint, data, tmp_p
 
 
 def test_bad_export_input_says_what_to_do(checkpoint, tmp_path) -> None:
-    with pytest.raises(ValueError, match="multiples of 128.*use --image-size 384 640"):
+    with pytest.raises(ValueError, match=r"multiples of 128.*use --image-size 384 640"):
         ExportSpec((300, 600))
-    with pytest.raises(ValueError, match="--opset 9 is too old.*use --opset 18"):
+    with pytest.raises(ValueError, match=r"--opset 9 is too old.*use --opset 18"):
         ExportSpec((256, 256), opset=9)
     no_config = tmp_path / ckpt.checkpoint_name(1)
     no_config.mkdir()
