@@ -196,16 +196,29 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def test_tune_cli_errors_before_starting(tmp_path, data) -> None:  # noqa: F811
+def test_tune_cli_errors_before_starting(tmp_path, data, monkeypatch, capsys) -> None:  # noqa: F811
+    """One error through the real command line (an ``error:`` line, no traceback); the others through the
+    same ``main`` in this process (seconds, not a Python start with Ray's imports each)."""
     base = ["--recipe", "tiny_cpu", "--set", f"data.train_uri={data['train']}", "--set",
             f"data.val_uri={data['val']}", "--set", f"checkpoint.storage_path={tmp_path}"]  # fmt: skip
+    done = subprocess.run([sys.executable, "jobs/tune.py", *base, "--space", "focal+nope"], cwd=ROOT,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 2 and "error: unknown search space 'nope'" in done.stderr
+    assert "Traceback" not in done.stderr
+    monkeypatch.syspath_prepend(str(ROOT / "jobs"))
+    import importlib
 
-    def tune(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "jobs/tune.py", *base, *args], cwd=ROOT, capture_output=True, text=True)
+    tune_job = importlib.import_module("tune")
+
+    def tune(*args: str) -> str:
+        capsys.readouterr()
+        code = tune_job.main([*base, *args])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: "), (args, code, err[-2000:])
+        return err
 
     (tmp_path / "nofit.json").write_text('{"images": 1}')
     for args, message in [
-        (["--space", "focal+nope"], "unknown search space 'nope'"),
         (["--space", "focal", "--set", "data.val_uri=none"], "set data.val_uri"),
         (["--space", "focal", "--resume"], "no search named 'tiny_cpu-focal'"),
         (["--param", "model.focal_alpha=0.5,7"], "focal_alpha"),
@@ -214,14 +227,11 @@ def test_tune_cli_errors_before_starting(tmp_path, data) -> None:  # noqa: F811
         (["--space", "anchors", "--anchors-from", str(tmp_path / "nofit.json")], "holds no anchor fit"),
         *([(["--space", "lr", "--searcher", "optuna"], "pip install optuna")] if not _has("optuna") else []),
     ]:
-        done = tune(*args)
-        assert done.returncode == 2 and message in done.stderr, (args, done.stderr[-2000:])
+        assert message in tune(*args), args
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "search.json").write_text("{}")
-    done = tune("--space", "focal", "--name", "taken")
-    assert done.returncode == 2 and "add --resume to continue it, or pick --name" in done.stderr
-    done = tune("--space", "focal", "--name", "taken", "--resume")
-    assert done.returncode == 2 and "--resume must repeat the search's arguments" in done.stderr
+    assert "add --resume to continue it, or pick --name" in tune("--space", "focal", "--name", "taken")
+    assert "--resume must repeat the search's arguments" in tune("--space", "focal", "--name", "taken", "--resume")
 
 
 def test_a_trial_that_never_reported_keeps_its_sampled_values(tmp_path) -> None:

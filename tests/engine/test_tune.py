@@ -1,6 +1,6 @@
 """Tune searches on a real local Ray: 4 trials of 1-worker CPU training, 2 at a time under ASHA, one trial
-given a corrupt weights file. Run embedded, and under ``ray job submit`` with the driver stopped mid-search
-and resumed with --resume."""
+given a corrupt weights file, under ``ray job submit`` with the driver stopped mid-search and resumed with
+--resume (the whole report is checked after the resume); and an embedded search with Optuna."""
 
 from __future__ import annotations
 
@@ -65,17 +65,6 @@ def _check_results(search: Path, weights: dict, out: str) -> list[dict]:
     best = re.search(r"^python jobs/train.py --recipe tiny_cpu .*$", out, re.M)
     assert best and "model.backbone_weights=" in best.group(0), out[-3000:]
     return trials
-
-
-def test_tiny_search_reports_every_trial_and_survives_a_failing_one(data, weights, tmp_path) -> None:  # noqa: F811
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, "jobs/tune.py", *_args(data, weights, tmp_path, "tiny"), "--max-concurrent", "2"]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-4000:]
-    assert "4 trials, 2 at a time" in out
-    _check_results(tmp_path / "tiny", weights, out)
 
 
 def test_submitted_search_stopped_mid_way_resumes(data, weights, tmp_path) -> None:  # noqa: F811
