@@ -71,11 +71,16 @@ def per_class(evaluator) -> list[ClassResult]:
 
 
 def flat_metrics(classes: list[ClassResult]) -> dict[str, float]:
-    """``AP/<name>`` and ``AP50/<name>`` for metrics.jsonl, TensorBoard and ``jobs/tune.py --metric``."""
+    """``AP/<name>`` and ``AP50/<name>`` (what ``jobs/tune.py --metric`` ranks by), then ``gt/<name>`` and the
+    best-F1 ``P50/<name>``, ``R50/<name>`` at IoU 0.5: for metrics.jsonl, TensorBoard and Ray's reports."""
     out: dict[str, float] = {}
     for c in classes:
         out[f"AP/{c.name}"] = c.AP
         out[f"AP50/{c.name}"] = c.AP50
+    for c in classes:
+        out[f"gt/{c.name}"] = float(c.gt)
+        out[f"P50/{c.name}"] = c.precision
+        out[f"R50/{c.name}"] = c.recall
     return out
 
 

@@ -50,8 +50,10 @@ def perfect_results(shift: float = 0.0) -> list[dict]:
 def test_perfect_detections_score_one() -> None:
     metrics = coco_evaluate(ground_truth(), perfect_results())
     names = ("class3", "class7", "class12")
-    assert list(metrics) == [*METRIC_NAMES, *(f"{k}/{n}" for n in names for k in ("AP", "AP50"))]
-    assert all(metrics[f"AP/{n}"] == pytest.approx(1.0) for n in names)
+    assert list(metrics) == [*METRIC_NAMES, *(f"{k}/{n}" for n in names for k in ("AP", "AP50")),
+                             *(f"{k}/{n}" for n in names for k in ("gt", "P50", "R50"))]  # fmt: skip
+    assert all(metrics[f"AP/{n}"] == pytest.approx(1.0) and metrics[f"R50/{n}"] == 1.0 for n in names)
+    assert (metrics["gt/class3"], metrics["gt/class7"], metrics["gt/class12"]) == (4.0, 3.0, 2.0)
     for name in METRIC_NAMES:
         if name != "AR1":  # AR1 allows one detection per image: images 1 and 3 have several boxes of class 3
             assert metrics[name] == pytest.approx(1.0), name
