@@ -19,6 +19,7 @@ from engine.recipes import get_recipe
 from model import build_retinanet
 from tests.engine.test_train import data  # noqa: F401  (fixture)
 
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
