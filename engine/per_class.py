@@ -132,7 +132,13 @@ def plot_pr_curves(classes: list[ClassResult], uri: str) -> None:
             if curve:
                 ax.plot(recall, np.clip(curve, 0, None), label=label)
         ax.plot([c.recall], [c.precision], "k.", markersize=8)
-        ax.set(title=f"{c.name} (AP50 {max(c.AP50, 0):.2f}, n={c.gt})", xlim=(0, 1), ylim=(0, 1.02))
+        ax.set(
+            title=f"{c.name} (AP50 {max(c.AP50, 0):.2f}, n={c.gt})",
+            xlim=(0, 1),
+            ylim=(0, 1.02),
+            xlabel="recall",
+            ylabel="precision",
+        )
         ax.title.set_fontsize(8)
     for ax in axes[len(shown) :]:
         ax.axis("off")
