@@ -88,10 +88,18 @@ def candidates(current: Anchors, family: str, median_ratio: float) -> list[Ancho
 
 
 def fit_anchors(
-    ground_truth: dict, cfg: RetinaNetConfig, eval_size: int, max_size: int, *, max_images: int = 64, seed: int = 0
+    ground_truth: dict,
+    cfg: RetinaNetConfig,
+    eval_size: int,
+    max_size: int,
+    *,
+    max_images: int = 64,
+    seed: int = 0,
+    before: dict | None = None,
 ) -> AnchorFit:
     """Fits the anchors of ``cfg`` to the non-crowd boxes of a COCO ``ground_truth`` after the eval resize
-    (see the module doc); the search sees at most ``max_images`` images, the before/after figures all."""
+    (see the module doc); the search sees at most ``max_images`` images, the before/after figures all.
+    ``before``: the start's ``Coverage.shares()`` on all boxes when the caller has it already."""
     sample = _sample(ground_truth, max_images, seed)
     start = best = Anchors.of(cfg)
     ratios = [a["bbox"][3] / a["bbox"][2] for a in sample["annotations"] if a["bbox"][2] > 0]
@@ -111,7 +119,7 @@ def fit_anchors(
             best = max(scores, key=lambda a: (scores[a], a == best))
         if best == previous:
             break
-    before = dataset_coverage(ground_truth, cfg, eval_size, max_size).shares()
+    before = before or dataset_coverage(ground_truth, cfg, eval_size, max_size).shares()
     after = before if best == start else dataset_coverage(ground_truth, best.applied(cfg), eval_size, max_size).shares()
     return AnchorFit(start, best, before, after, len(sample["images"]), len(scores))
 

@@ -5,8 +5,6 @@ level (``sizes.png``), and a few images with their ground truth and the anchors 
 from __future__ import annotations
 
 import io
-import json
-import tarfile
 
 import numpy as np
 import torch
@@ -15,8 +13,8 @@ from PIL import Image, ImageDraw
 from engine.anchor_coverage import anchor_generator, assign, eval_scale
 from engine.visualize import class_color, dashed_rectangle, grid
 from model.config import RetinaNetConfig
-from pipeline import format as fmt
 from pipeline import storage
+from pipeline.reader import Sample, ShardStream
 
 DISPLAY_PX = 480
 LEVEL_COLORS = ("#1f77b4", "#2ca02c", "#ff7f0e", "#d62728", "#9467bd")
@@ -67,47 +65,31 @@ def plot_sizes(ground_truth: dict, cfg: RetinaNetConfig, eval_size: int, max_siz
     storage.write_bytes(uri, buffer.getvalue())
 
 
-def first_samples(shard_uris: list[str], count: int) -> list[tuple[bytes, dict]]:
-    """The first ``count`` samples with boxes, as (JPEG bytes, record), reading shards in order."""
-    out: list[tuple[bytes, dict]] = []
-    for uri in shard_uris:
-        members: dict[str, dict[str, bytes]] = {}
-        with storage.open_uri(uri) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for info in tar:
-                key, _, ext = info.name.rpartition(".")
-                data = tar.extractfile(info)
-                if data is not None and ext in (fmt.IMAGE_EXT, fmt.RECORD_EXT):
-                    members.setdefault(key, {})[ext] = data.read()
-                sample = members.get(key, {})
-                if len(sample) == 2:
-                    record = json.loads(sample[fmt.RECORD_EXT])
-                    if record["boxes"]:
-                        out.append((sample[fmt.IMAGE_EXT], record))
-                    del members[key]
-                    if len(out) == count:
-                        return out
-    return out
+def first_samples(shard_uris: list[str], count: int) -> list[Sample]:
+    """The first ``count`` samples with (non-crowd) boxes, reading the shards in order as evaluation does."""
+    from itertools import islice
+
+    stream = ShardStream(shard_uris, group=0, num_groups=1, train=False, read_ahead=False)
+    return list(islice((s for s in stream if len(s.boxes)), count))
 
 
 def draw_assignment(
-    jpeg: bytes, record: dict, cfg: RetinaNetConfig, eval_size: int, max_size: int, generator, show: int = 3
+    sample: Sample, cfg: RetinaNetConfig, eval_size: int, max_size: int, generator, show: int = 3
 ) -> Image.Image:
     """The image after the eval resize (shown at most ``DISPLAY_PX`` wide) with each box (thick, its class
     colour) and its ``show`` best assigned anchors (thin; dashed where no anchor reaches IoU >= fg_iou_thresh,
     so its best anchor is drawn: a box the anchors do not fit)."""
-    s = eval_scale(record["height"], record["width"], eval_size, max_size)
-    size = (round(record["width"] * s), round(record["height"] * s))
+    s = eval_scale(sample.height, sample.width, eval_size, max_size)
+    size = (round(sample.width * s), round(sample.height * s))
     d = min(1.0, DISPLAY_PX / max(size))
-    image = Image.open(io.BytesIO(jpeg)).convert("RGB").resize((round(size[0] * d), round(size[1] * d)))
-    crowd = record.get("iscrowd", [0] * len(record["labels"]))
-    kept = [i for i, c in enumerate(crowd) if not c]
-    if not kept:
+    image = Image.open(io.BytesIO(sample.jpeg)).convert("RGB").resize((round(size[0] * d), round(size[1] * d)))
+    if not len(sample.boxes):
         return image
-    boxes = torch.tensor(record["boxes"], dtype=torch.float32).reshape(-1, 4)[kept] * s
+    boxes = torch.from_numpy(sample.boxes).float().reshape(-1, 4) * s
     draw = ImageDraw.Draw(image)
     anchors, iou, matches, _ = assign(boxes, (size[1], size[0]), cfg, generator)
-    for m, i in enumerate(kept):
-        color = class_color(int(record["labels"][i]))
+    for m, label in enumerate(sample.labels.tolist()):
+        color = class_color(int(label))
         mine = (matches == m).nonzero().flatten()
         strong = mine[iou[m, mine] >= cfg.fg_iou_thresh]
         if len(strong):
@@ -127,7 +109,7 @@ def plot_assignments(
     if not samples:
         return 0
     generator = anchor_generator(cfg)
-    images = [draw_assignment(j, r, cfg, eval_size, max_size, generator) for j, r in samples]
+    images = [draw_assignment(sample, cfg, eval_size, max_size, generator) for sample in samples]
     buffer = io.BytesIO()
     grid(images, cols=3).save(buffer, format="PNG")
     storage.write_bytes(uri, buffer.getvalue())

@@ -4,6 +4,7 @@ results are gathered on rank 0 and scored with pycocotools."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -12,16 +13,65 @@ from engine import collectives
 from engine.coco_eval import coco_evaluate_full, detections_to_coco, merge_results
 from engine.per_class import ClassResult
 from pipeline import storage
+from pipeline.batch import Batch
 from pipeline.loader import Dataset, DetectionLoader, LoaderConfig
 
 
 @dataclass
 class Evaluation:
-    metrics: dict[str, float] | None  # rank 0 only: COCO's 12 less 3, then AP/<class> and AP50/<class>
+    metrics: dict[str, float] | None  # rank 0 only: METRIC_NAMES, then the per-class keys (engine.per_class)
     num_images: int
     samples: list[tuple[torch.Tensor, dict, dict]]  # (image [3, h, w], detections, ground truth) of a first batch
     classes: list[ClassResult] | None = None  # rank 0 only: per class figures and operating points
     results: list[dict] | None = None  # rank 0 only: the detections as COCO results records
+
+
+def detections(
+    net: torch.nn.Module, postprocess: torch.nn.Module, loader, device: torch.device, amp: bool = False
+) -> Iterator[tuple[Batch, list[dict[str, torch.Tensor]]]]:
+    """Per batch of ``loader``: the batch on ``device`` and its detections (resized pixels, on ``device``)."""
+    for batch in loader:
+        batch = batch.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            outputs = net(batch.images)
+        yield batch, postprocess(outputs, batch.image_sizes)
+
+
+def original_detections(batch: Batch, dets: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """``dets`` of each image of ``batch`` with boxes in the pixels of its source image, on the CPU."""
+    return [{k: v.cpu() for k, v in {**d, "boxes": batch.scale_to_original(d["boxes"], i)}.items()}
+            for i, d in enumerate(dets)]  # fmt: skip
+
+
+def collect(
+    net: torch.nn.Module,
+    postprocess: torch.nn.Module,
+    loader: DetectionLoader,
+    device: torch.device,
+    *,
+    amp: bool = False,
+    limit: int | None = None,
+    num_samples: int = 0,
+) -> tuple[list[dict], list[int], list[tuple[torch.Tensor, dict, dict]]]:
+    """The COCO results records and image ids of ``loader``'s images (stopping once ``limit`` images are
+    done), and the first ``num_samples`` as (resized image, detections, ground truth) for pictures."""
+    results: list[dict] = []
+    image_ids: list[int] = []
+    samples: list[tuple[torch.Tensor, dict, dict]] = []
+    for batch, dets in detections(net, postprocess, loader, device, amp):
+        for i, det in enumerate(dets[: max(0, num_samples - len(samples))]):
+            h, w = batch.image_sizes[i].tolist()
+            gt = {
+                "boxes": batch.boxes[i, : batch.num_boxes[i]].cpu(),
+                "labels": batch.labels[i, : batch.num_boxes[i]].cpu(),
+            }
+            samples.append((batch.images[i, :, :h, :w].cpu(), {k: v.cpu() for k, v in det.items()}, gt))
+        ids = batch.image_ids.tolist()
+        results += detections_to_coco(ids, original_detections(batch, dets), loader.dataset.category_ids())
+        image_ids += ids
+        if limit is not None and len(image_ids) >= limit:
+            break
+    return results, image_ids, samples
 
 
 @torch.no_grad()
@@ -46,30 +96,8 @@ def evaluate(
     limit = None if max_images is None else max(1, -(-max_images // world_size))
     was_training = net.training
     net.eval()
-    results: list[dict] = []
-    image_ids: list[int] = []
-    samples: list[tuple[torch.Tensor, dict, dict]] = []
-    for batch in loader:
-        batch = batch.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-            outputs = net(batch.images)
-        dets = postprocess(outputs, batch.image_sizes)
-        for i, det in enumerate(dets):
-            if len(samples) < num_samples:
-                h, w = batch.image_sizes[i].tolist()
-                gt = {
-                    "boxes": batch.boxes[i, : batch.num_boxes[i]].cpu(),
-                    "labels": batch.labels[i, : batch.num_boxes[i]].cpu(),
-                }
-                samples.append((batch.images[i, :, :h, :w].cpu(), {k: v.cpu() for k, v in det.items()}, gt))
-        original = [{**d, "boxes": batch.scale_to_original(d["boxes"], i).cpu()} for i, d in enumerate(dets)]
-        ids = batch.image_ids.tolist()
-        results += detections_to_coco(
-            ids, [{k: v.cpu() for k, v in d.items()} for d in original], dataset.category_ids()
-        )
-        image_ids += ids
-        if limit is not None and len(image_ids) >= limit:
-            break
+    results, image_ids, samples = collect(net, postprocess, loader, device, amp=amp, limit=limit,
+                                          num_samples=num_samples)  # fmt: skip
     net.train(was_training)
     parts = collectives.gather_objects((results, image_ids))
     all_ids = sorted({i for _, ids in parts for i in ids})

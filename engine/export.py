@@ -83,22 +83,34 @@ def export_onnx(predictor: Predictor, path: Path, spec: ExportSpec) -> None:
         )  # fmt: skip
 
 
+class OnnxPostprocess:
+    """The postprocess half of the split for one padded input size: the evaluation's ``PostProcess`` and the
+    model's anchors for ``padded (H, W)``, built once and applied to every batch of raw outputs."""
+
+    def __init__(self, cfg: TrainConfig, padded: tuple[int, int]) -> None:
+        from engine.anchor_coverage import anchor_generator
+        from model import PostProcess
+
+        self.postprocess, self.padded = PostProcess(cfg.model), padded
+        device = torch.device("cpu")
+        self.anchors, per_level = anchor_generator(cfg.model)(padded, level_sizes(padded), device, torch.float32)
+        self.per_level = list(per_level)
+
+    def __call__(self, cls_logits, bbox_deltas, image_sizes) -> list[dict[str, torch.Tensor]]:
+        """Raw outputs (numpy or torch) of images resized to ``image_sizes`` ``(h, w)`` -> per image
+        ``boxes [D, 4]`` (xyxy in resized pixels), ``scores``, ``labels``, exactly as evaluation computes them."""
+        outputs = Outputs(
+            cls_logits=torch.as_tensor(cls_logits), bbox_deltas=torch.as_tensor(bbox_deltas), anchors=self.anchors,
+            num_anchors_per_level=self.per_level, image_size=self.padded,
+        )  # fmt: skip
+        return self.postprocess(outputs, image_sizes)
+
+
 def onnx_detections(
     cls_logits, bbox_deltas, image_sizes: list[tuple[int, int]], cfg: TrainConfig, padded: tuple[int, int]
 ) -> list[dict[str, torch.Tensor]]:
-    """The postprocess half of the split: raw outputs (numpy or torch) of images resized to ``image_sizes``
-    ``(h, w)`` and padded to ``padded`` -> per image ``boxes [D, 4]`` (xyxy in resized pixels), ``scores``,
-    ``labels``, exactly as evaluation computes them."""
-    from engine.anchor_coverage import anchor_generator
-    from model import build_retinanet
-
-    _, _, postprocess = build_retinanet(cfg.model)
-    anchors, per_level = anchor_generator(cfg.model)(padded, level_sizes(padded), torch.device("cpu"), torch.float32)
-    outputs = Outputs(
-        cls_logits=torch.as_tensor(cls_logits), bbox_deltas=torch.as_tensor(bbox_deltas), anchors=anchors,
-        num_anchors_per_level=list(per_level), image_size=padded,
-    )  # fmt: skip
-    return postprocess(outputs, image_sizes)
+    """``OnnxPostprocess(cfg, padded)`` applied once (for many batches, build one and call it)."""
+    return OnnxPostprocess(cfg, padded)(cls_logits, bbox_deltas, image_sizes)
 
 
 def input_contract(cfg: TrainConfig, spec: ExportSpec) -> dict:

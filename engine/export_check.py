@@ -1,7 +1,7 @@
 """The export's checks on a converted data set: onnxruntime against PyTorch on the same padded inputs.
 
 1. Raw outputs: the max absolute difference of ``cls_logits`` and ``bbox_deltas`` (target < 1e-4, fp32).
-2. Detections: both raw outputs through ``engine.export.onnx_detections`` and pycocotools; the AP of each
+2. Detections: both raw outputs through ``engine.export.OnnxPostprocess`` and pycocotools; the AP of each
    and their difference (target <= 0.001).
 """
 
@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from engine.coco_eval import coco_evaluate, detections_to_coco
-from engine.export import AP_TARGET, OUTPUT_NAMES, RAW_TARGET, ExportSpec, RawHead, onnx_detections
+from engine.evaluate import original_detections
+from engine.export import AP_TARGET, OUTPUT_NAMES, RAW_TARGET, SIZE_DIVISOR, ExportSpec, OnnxPostprocess, RawHead
 from engine.inference import Predictor
 from pipeline import storage
 from pipeline.loader import Dataset, DetectionLoader
@@ -35,7 +36,7 @@ def fit_canvas(images: torch.Tensor, sizes: torch.Tensor, spec: ExportSpec) -> t
     too_big = [(int(h), int(w)) for h, w in sizes.tolist() if h > big_h or w > big_w]
     if too_big:
         h, w = too_big[0]
-        fit = max(big_h, -(-h // 128) * 128), max(big_w, -(-w // 128) * 128)
+        fit = max(big_h, -(-h // SIZE_DIVISOR) * SIZE_DIVISOR), max(big_w, -(-w // SIZE_DIVISOR) * SIZE_DIVISOR)
         raise ValueError(f"an image resized for evaluation is {h} x {w}, larger than the exported {big_h} x {big_w}: "
                          f"export with --image-size {fit[0]} {fit[1]}")  # fmt: skip
     canvas = torch.zeros(images.shape[0], 3, big_h, big_w)
@@ -56,6 +57,7 @@ def check(predictor: Predictor, onnx_path: Path, spec: ExportSpec, dataset: Data
     """Both checks on up to ``max_images`` images of ``dataset``; the figures for ``export.json``."""
     cfg = predictor.cfg
     sess, head = session(onnx_path), RawHead(predictor.net.to("cpu").float().eval())
+    postprocess = OnnxPostprocess(cfg, spec.image_size)
     loader_cfg = replace(cfg.data.loader, batch_size=cfg.data.eval_batch_size if spec.dynamic_batch else 1)
     results: dict[str, list[dict]] = {"pytorch": [], "onnx": []}
     image_ids: list[int] = []
@@ -66,8 +68,7 @@ def check(predictor: Predictor, onnx_path: Path, spec: ExportSpec, dataset: Data
         worst = max([worst, *((a - b).abs().max().item() for a, b in zip(raw["pytorch"], raw["onnx"], strict=True))])
         ids = batch.image_ids.tolist()
         for name, (logits, deltas) in raw.items():
-            dets = onnx_detections(logits, deltas, batch.image_sizes, cfg, spec.image_size)
-            dets = [{**d, "boxes": batch.scale_to_original(d["boxes"], i)} for i, d in enumerate(dets)]
+            dets = original_detections(batch, postprocess(logits, deltas, batch.image_sizes))
             results[name] += detections_to_coco(ids, dets, dataset.category_ids())
         image_ids += ids
         if max_images is not None and len(image_ids) >= max_images:

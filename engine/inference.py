@@ -33,6 +33,7 @@ class Predictor:
         """``(JPEG bytes, height, width)`` per image -> its detections (``boxes [D, 4]`` xyxy in its own pixels,
         ``scores [D]``, ``labels [D]``), through the evaluation's own DALI pipeline and batch size (one
         preprocessing path: what predict.py draws is what evaluate.py scores)."""
+        from engine.evaluate import detections, original_detections
         from pipeline.loader import DetectionLoader
         from pipeline.reader import Sample
 
@@ -42,11 +43,9 @@ class Predictor:
         device_id = self.device.index if self.device.type == "cuda" else None
         loader = DetectionLoader.over_samples(samples, self.cfg.model.num_classes, cfg, device_id)
         out: list[dict[str, torch.Tensor]] = [{} for _ in samples]
-        for batch in loader:
-            batch = batch.to(self.device)
-            for i, det in enumerate(self.postprocess(self.net(batch.images), batch.image_sizes)):
-                det = {**det, "boxes": batch.scale_to_original(det["boxes"], i)}
-                out[int(batch.image_ids[i])] = {k: v.cpu() for k, v in det.items()}
+        for batch, dets in detections(self.net, self.postprocess, loader, self.device):
+            for image_id, det in zip(batch.image_ids.tolist(), original_detections(batch, dets), strict=True):
+                out[image_id] = det
         return out
 
 

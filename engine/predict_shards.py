@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from engine.coco_eval import detections_to_coco
+from engine.evaluate import collect
 from pipeline import storage
 from pipeline.loader import Dataset, DetectionLoader
 
@@ -37,19 +37,13 @@ class ShardPredictor:
     def predict(self, dataset: Dataset, shard: str, out_uri: str) -> tuple[str, int]:
         """Detections of every image of ``shard`` to ``out_uri`` (COCO results json); (shard, images)."""
         p = self.predictor
-        one = Dataset(dataset.uri, dataset.manifest, [shard])
         cfg = replace(p.cfg.data.loader, batch_size=p.cfg.data.eval_batch_size, num_workers=1)
         device_id = p.device.index if p.device.type == "cuda" else None
-        results, images = [], 0
-        for batch in DetectionLoader(one, rank=0, world_size=1, train=False, cfg=cfg, device_id=device_id):
-            batch = batch.to(p.device)
-            dets = p.postprocess(p.net(batch.images), batch.image_sizes)
-            dets = [{k: v.cpu() for k, v in {**d, "boxes": batch.scale_to_original(d["boxes"], i)}.items()}
-                    for i, d in enumerate(dets)]  # fmt: skip
-            results += detections_to_coco(batch.image_ids.tolist(), dets, one.category_ids())
-            images += len(dets)
+        one = Dataset(dataset.uri, dataset.manifest, [shard])
+        loader = DetectionLoader(one, rank=0, world_size=1, train=False, cfg=cfg, device_id=device_id)
+        results, image_ids, _ = collect(p.net, p.postprocess, loader, p.device)
         storage.write_bytes(out_uri, json.dumps(results).encode())
-        return shard, images
+        return shard, len(image_ids)
 
 
 @dataclass

@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     report = diagnose(ground_truth, cfg)
     aug = cfg.data.loader.aug
     if not args.no_fit and report["boxes"]:
-        fit = fit_anchors(ground_truth, cfg.model, aug.eval_size, aug.max_size, max_images=args.fit_images)
+        fit = fit_anchors(ground_truth, cfg.model, aug.eval_size, aug.max_size, max_images=args.fit_images,
+                          before=report["coverage"]["overall"])  # fmt: skip
         report["fit"] = fit.report()
     print(format_report(report))
     try:
