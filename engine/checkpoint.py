@@ -256,11 +256,13 @@ def upload_folder(directory: Path, uri: str, window_s: float | None = None) -> N
 
 @dataclass
 class Restored:
-    """A checkpoint read back for resuming: where from, the model's state dict, the train state."""
+    """A checkpoint read back for resuming: where from, the model's state dict, the train state, and the
+    metrics reported with it (``metrics.json``; empty for a checkpoint written without them)."""
 
     uri: str
     weights: dict
     state: TrainState
+    metrics: dict = field(default_factory=dict)
 
 
 def restore(directory: Path, uri: str, run_uri: str) -> Restored | None:
@@ -268,11 +270,16 @@ def restore(directory: Path, uri: str, run_uri: str) -> Restored | None:
     incomplete, the newest complete one of the run before it; ``None`` if the run has none (start afresh)."""
     reason = incomplete_reason(str(directory))
     if reason is None:
-        return Restored(uri, load_trusted(directory / MODEL), load_train_state(directory))
+        return Restored(uri, load_trusted(directory / MODEL), load_train_state(directory), _metrics(directory))
     fallback = latest_complete(run_uri, before_step=checkpoint_step(uri))
     print(f"WARNING: {uri} is incomplete ({reason}); resuming from {fallback or 'the start'} instead", flush=True)
     if fallback is None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
         local = fetch(fallback, Path(tmp))
-        return Restored(fallback, load_trusted(local / MODEL), load_train_state(local))
+        return Restored(fallback, load_trusted(local / MODEL), load_train_state(local), _metrics(local))
+
+
+def _metrics(directory: Path) -> dict:
+    path = directory / METRICS
+    return json.loads(path.read_text()) if path.exists() else {}

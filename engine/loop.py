@@ -46,6 +46,7 @@ def run_worker(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, lo
     """Set-up, then steps until ``max_iters`` or until a hook stops the attempt (returns its reason)."""
     held = setup.pop("lease", None)
     w = setup_worker(cfg, rank, world_size, local_rank, log_dir, **setup)
+    report_if_ended(w, setup.get("restored"))
     hooks = default_hooks(w)
     ctx = None
     try:
@@ -62,6 +63,14 @@ def run_worker(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, lo
         w.log.close()
     w.publisher.publish()
     return ctx.stop if ctx is not None else None
+
+
+def report_if_ended(w: Worker, restored: ckpt.Restored | None) -> None:
+    """A run restarted at its last checkpoint (``max_iters`` reached) trains nothing; its caller may not have
+    seen that end (a search stopped after a trial's last report but before Tune saved its state), so the
+    metrics reported with that checkpoint are reported again, without the checkpoint. Every rank calls it."""
+    if restored is not None and restored.metrics and w.state.step >= w.cfg.optim.max_iters:
+        w.report(restored.metrics, None, restored.uri.rstrip("/").rsplit("/", 1)[-1])
 
 
 def _renewing(w: Worker, held: dict | None):

@@ -175,3 +175,25 @@ def test_best_is_a_complete_model_only_checkpoint(tmp_path) -> None:
 def test_plain_refuses_what_weights_only_could_not_load() -> None:
     with pytest.raises(TypeError, match=r"train state\['x'\] is a PosixPath"):
         ckpt.plain({"x": Path("/")})
+
+
+def test_a_run_restarted_at_its_end_reports_its_last_metrics_again(tmp_path) -> None:
+    """A restart at ``max_iters`` trains nothing: the restored checkpoint's metrics are reported once more
+    (without it), so a caller that missed the end (Tune stopped before saving its state) sees it."""
+    from types import SimpleNamespace
+
+    from engine.loop import report_if_ended
+
+    net, _, cfg = _net_and_cfg()
+    metrics = {"step": 20, "AP": 0.5, "loss": 0.75}
+    ckpt.save(tmp_path / "c", net, ckpt.TrainState(step=20), to_dict(cfg), metrics, CATEGORIES)
+    restored = ckpt.restore(tmp_path / "c", "runs/x/checkpoint_00000020", str(tmp_path))
+    assert restored.metrics == metrics
+    for max_iters, expected in ((20, [(metrics, None, "checkpoint_00000020")]), (30, [])):
+        reports: list[tuple] = []
+        ended = apply_overrides(cfg, [f"optim.max_iters={max_iters}", "optim.steps=[10]"])
+        w = SimpleNamespace(state=restored.state, cfg=ended, report=lambda *a, into=reports: into.append(a))
+        report_if_ended(w, restored)
+        assert reports == expected
+    report_if_ended(w, None)  # a fresh run: nothing restored, nothing reported
+    assert reports == []
