@@ -145,7 +145,11 @@ def test_two_workers_learn_checkpoint_to_s3_and_evaluate_like_pycocotools(data, 
     assert (tmp_path / "eval" / "pr_curves.png").stat().st_size > 0
     # The checkpoint saved after the evaluation carries the same operating points.
     carried = json.loads(storage.read_bytes(f"{checkpoint_uri}/{ckpt.THRESHOLDS}"))
-    assert carried["classes"] == saved["classes"]
+    # The run's evaluation (2 ranks) and evaluate.py's (1 process) batch differently, so the scores
+    # that become thresholds agree to float32 rounding, not bit for bit.
+    assert carried["classes"].keys() == saved["classes"].keys()
+    for name, point in saved["classes"].items():
+        assert carried["classes"][name] == pytest.approx(point, abs=1e-5), name
     images = Path(data["val"]).parent.parent / "raw" / "val" / "images"
     predict = [sys.executable, "jobs/predict.py", "--checkpoint", checkpoint_uri, "--images", str(images),
                "--output", str(tmp_path / "pred"), "--score-thresh", "0.05"]  # fmt: skip
