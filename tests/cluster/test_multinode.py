@@ -22,12 +22,14 @@ from tests.engine.test_train import data  # noqa: F401  (fixture)
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-@pytest.fixture
-def cluster(monkeypatch):
-    """Yields ``(Cluster, [worker node, worker node])``; the driver joins it through RAY_ADDRESS."""
+@pytest.fixture(scope="module")
+def cluster():
+    """Yields ``(Cluster, [worker node, worker node])``; the driver joins it through RAY_ADDRESS. One cluster
+    for the module (the elastic test, which removes a node, runs last)."""
     import ray
     from ray.cluster_utils import Cluster
 
+    monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     # A driver given 127.0.0.1 connects to this machine's external address instead, where a head bound to
     # loopback does not listen: keep loopback as it is.
@@ -42,6 +44,7 @@ def cluster(monkeypatch):
     finally:
         ray.shutdown()
         c.shutdown()  # removes only the nodes this cluster started
+        monkeypatch.undo()
 
 
 def _cfg(data: dict, storage_path: str, name: str, *extra: str):  # noqa: F811
@@ -92,7 +95,7 @@ def test_a_removed_node_shrinks_the_run_which_resumes_and_completes(data, cluste
     that fit (one), from the latest checkpoint, and the run completes its planned steps."""
     c, nodes = cluster
     name = f"elastic-{time.time_ns()}"
-    cfg = _cfg(data, f"{s3_bucket}/runs", name, "optim.max_iters=24", "optim.steps=[20]", "checkpoint.every=4",
+    cfg = _cfg(data, f"{s3_bucket}/runs", name, "optim.max_iters=16", "optim.steps=[12]", "checkpoint.every=4",
                "scaling.min_workers=1", "checkpoint.max_failures=2")  # fmt: skip
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(result=run(cfg)), daemon=True)
@@ -110,13 +113,13 @@ def test_a_removed_node_shrinks_the_run_which_resumes_and_completes(data, cluste
         thread.join(timeout=900)
         assert not thread.is_alive(), "the run did not finish after the node was removed"
         result = outcome["result"]
-        assert result.error is None and result.metrics["step"] == 24
+        assert result.error is None and result.metrics["step"] == 16
         resumed = [e["step"] for e in _events(cfg, "resumed")]
-        assert resumed and 8 <= resumed[-1] < 24
+        assert resumed and 8 <= resumed[-1] < 16
         layouts = _events(cfg, "workers")
         assert layouts[0]["world_size"] == 2 and layouts[-1]["world_size"] == 1
         assert [r["node"] for r in layouts[-1]["ranks"]] == [nodes[0].node_id]
-        assert storage.exists(f"{s3_bucket}/runs/{name}/{ckpt.checkpoint_name(24)}/{ckpt.MODEL}")
+        assert storage.exists(f"{s3_bucket}/runs/{name}/{ckpt.checkpoint_name(16)}/{ckpt.MODEL}")
     finally:
         thread.join(timeout=1)
         _remove_local_logs(cfg)

@@ -21,7 +21,7 @@ from tests.ray_head import RAY, ray_head, submit
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
-MAX_ITERS = 20
+MAX_ITERS = 10
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def weights(tmp_path_factory) -> dict[str, str]:
 def _args(data: dict, weights: dict, runs: Path, name: str) -> list[str]:  # noqa: F811
     grid = ",".join(["none", weights["r18_1"], weights["broken"], weights["r18_2"]])
     sets = [f"data.train_uri={data['train']}", f"data.val_uri={data['val']}", f"checkpoint.storage_path={runs}",
-            "scaling.num_workers=1", f"optim.max_iters={MAX_ITERS}", "optim.steps=[15]", "eval.every=5",
+            "scaling.num_workers=1", f"optim.max_iters={MAX_ITERS}", "optim.steps=[8]", "eval.every=5",
             "eval.max_images=8", "checkpoint.every=5", "checkpoint.max_failures=0", "log.every=5"]  # fmt: skip
     return ["--recipe", "tiny_cpu", "--name", name, "--param", f"model.backbone_weights={grid}",
             *(a for s in sets for a in ("--set", s))]  # fmt: skip
