@@ -29,22 +29,21 @@ def cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    # A driver given 127.0.0.1 connects to this machine's external address instead, where a head bound to
-    # loopback does not listen: keep loopback as it is.
-    monkeypatch.setattr(ray._private.services, "resolve_ip_for_localhost", lambda host: host)
-    local = {"node_ip_address": "127.0.0.1"}
-    c = Cluster(initialize_head=True, head_node_args={**local, "num_cpus": 0, "dashboard_host": "127.0.0.1"})
-    nodes = [c.add_node(**local, num_cpus=1) for _ in range(2)]
-    c.wait_for_nodes()
-    monkeypatch.setenv("RAY_ADDRESS", c.address)
-    try:
-        yield c, nodes
-    finally:
-        ray.shutdown()
-        c.shutdown()  # removes only the nodes this cluster started
-        monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as monkeypatch:  # undone however the fixture ends
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+        # A driver given 127.0.0.1 connects to this machine's external address instead, where a head bound to
+        # loopback does not listen: keep loopback as it is.
+        monkeypatch.setattr(ray._private.services, "resolve_ip_for_localhost", lambda host: host)
+        local = {"node_ip_address": "127.0.0.1"}
+        c = Cluster(initialize_head=True, head_node_args={**local, "num_cpus": 0, "dashboard_host": "127.0.0.1"})
+        nodes = [c.add_node(**local, num_cpus=1) for _ in range(2)]
+        c.wait_for_nodes()
+        monkeypatch.setenv("RAY_ADDRESS", c.address)
+        try:
+            yield c, nodes
+        finally:
+            ray.shutdown()
+            c.shutdown()  # removes only the nodes this cluster started
 
 
 def _cfg(data: dict, storage_path: str, name: str, *extra: str):  # noqa: F811
