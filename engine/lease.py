@@ -3,14 +3,18 @@ process, times) and the running job renews it. A second driver on the same run n
 holder, unless it is started with ``--force`` or the lease has gone ``checkpoint.lease_ttl_s`` without
 renewal. The holder that lost it notices at its next renewal and stops.
 
-The lease is an object like any other: read, compare, write. Two drivers starting in the same instant can
-both believe they won; the next renewal settles it (the later writer keeps it).
+The lease is an object like any other: read, compare, write, so a renewal can race a takeover (it read its
+own lease, the new driver wrote its own, the renewal wrote the old one back). Races settle by age: of two
+leases the one started later (``started``, then ``owner`` on a tie) is the run's. A renewal that finds a newer
+lease gives up; one that finds an older lease over its own writes its own back, and the older holder learns
+at its next renewal. A takeover's lease always starts after the lease it replaced, whatever the clocks.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import threading
 import time
@@ -34,6 +38,9 @@ class Lease:
 
     def expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) - self.renewed > self.ttl_s
+
+    def newer_than(self, other: Lease) -> bool:
+        return (self.started, self.owner) > (other.started, other.owner)
 
     def describe(self) -> str:
         ago = time.time() - self.renewed
@@ -65,15 +72,17 @@ def acquire(run_uri: str, ttl_s: float, force: bool = False) -> Lease:
             "checkpoint.name"
         )
     now = time.time()
-    mine = Lease(uuid.uuid4().hex[:12], socket.gethostname(), os.getpid(), now, now, ttl_s)
+    started = now if held is None else max(now, held.started + 1e-3)  # newer than the one taken, whatever the clocks
+    mine = Lease(uuid.uuid4().hex[:12], socket.gethostname(), os.getpid(), started, now, ttl_s)
     _write(run_uri, mine)
     return mine
 
 
 def renew(run_uri: str, lease: Lease) -> Lease | None:
-    """Renews ``lease``; returns the new holder instead if another driver has taken the run over."""
+    """Renews ``lease``; returns the new holder instead if another driver has taken the run over (its lease
+    is newer). An older lease found over this one (a renewal that raced this driver's takeover) is replaced."""
     held = read(run_uri)
-    if held is not None and held.owner != lease.owner:
+    if held is not None and held.owner != lease.owner and held.newer_than(lease):
         return held
     lease.renewed = time.time()
     _write(run_uri, lease)
@@ -87,13 +96,16 @@ def release(run_uri: str, lease: Lease) -> None:
 
 
 class LeaseKeeper:
-    """Renews a lease every ``ttl_s / 3`` in a thread; calls ``on_lost(holder)`` once if it was taken over.
-    A renewal that fails (storage down) is retried at the next interval."""
+    """Renews a lease every ``ttl_s / 3`` or a little sooner (at least 0.25 s) in a thread; calls
+    ``on_lost(holder)`` once if it was taken over. A renewal that fails (storage down) is retried at the next
+    interval. The interval is drawn at random each time: two keepers at one period could otherwise race at
+    every renewal (each writing its own lease just after the other read), and the takeover never settle."""
 
     def __init__(self, run_uri: str, lease: Lease, on_lost: Callable[[Lease], None]) -> None:
         self.run_uri, self.lease, self.on_lost = run_uri, lease, on_lost
         self.lost: Lease | None = None
         self._stop = threading.Event()
+        self._random = random.Random()
         self._thread = threading.Thread(target=self._keep, name="lease-keeper", daemon=True)
 
     def __enter__(self) -> LeaseKeeper:
@@ -104,7 +116,7 @@ class LeaseKeeper:
         self._stop.set()
 
     def _keep(self) -> None:
-        while not self._stop.wait(max(0.5, self.lease.ttl_s / 3)):
+        while not self._stop.wait(max(0.5, self.lease.ttl_s / 3) * self._random.uniform(0.5, 1.0)):
             try:
                 holder = renew(self.run_uri, self.lease)
             except storage.StorageError:

@@ -48,14 +48,38 @@ def test_a_lease_not_renewed_within_its_ttl_can_be_taken(run_uri) -> None:
     assert lease.acquire(run_uri, ttl_s=30).owner != first.owner
 
 
+def test_a_renewal_that_raced_a_takeover_is_undone_by_the_new_holder(run_uri) -> None:
+    first = lease.acquire(run_uri, ttl_s=60)
+    second = lease.acquire(run_uri, ttl_s=60, force=True)
+    lease._write(run_uri, first)  # the first's renewal read its own lease before the takeover, wrote after it
+    assert lease.renew(run_uri, first) is None  # it cannot tell: the lease it finds is its own
+    assert lease.renew(run_uri, second) is None  # the newer lease is written back
+    assert lease.read(run_uri).owner == second.owner
+    holder = lease.renew(run_uri, first)
+    assert holder is not None and holder.owner == second.owner
+
+
+def test_a_takeover_is_newer_even_if_its_clock_is_behind(run_uri) -> None:
+    first = lease.acquire(run_uri, ttl_s=60)
+    first.started += 3600  # the first driver's host clock runs an hour ahead
+    lease._write(run_uri, first)
+    second = lease.acquire(run_uri, ttl_s=60, force=True)
+    assert second.newer_than(first)
+    assert lease.renew(run_uri, first).owner == second.owner
+
+
 def test_the_keeper_renews_and_calls_back_once_when_taken_over(run_uri) -> None:
     first = lease.acquire(run_uri, ttl_s=1.5)
     renewed = lease.read(run_uri).renewed
     lost: list[lease.Lease] = []
     called = threading.Event()
     with lease.LeaseKeeper(run_uri, first, lambda h: (lost.append(h), called.set())):
-        threading.Event().wait(1.2)  # past one renewal interval (ttl / 3, at least 0.5 s)
+        threading.Event().wait(1.2)  # past one renewal interval (at most 0.5 s here)
         assert lease.read(run_uri).renewed > renewed
-        second = lease.acquire(run_uri, ttl_s=60, force=True)
-        assert called.wait(10)
+        second = lease.acquire(run_uri, ttl_s=1.5, force=True)
+        lost_second: list[lease.Lease] = []
+        with lease.LeaseKeeper(run_uri, second, lost_second.append):  # the new driver renews as well
+            assert called.wait(30)
+            threading.Event().wait(1.2)
+        assert not lost_second and lease.read(run_uri).owner == second.owner
     assert [h.owner for h in lost] == [second.owner]
