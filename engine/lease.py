@@ -105,7 +105,6 @@ class LeaseKeeper:
         self.run_uri, self.lease, self.on_lost = run_uri, lease, on_lost
         self.lost: Lease | None = None
         self._stop = threading.Event()
-        self._random = random.Random()
         self._thread = threading.Thread(target=self._keep, name="lease-keeper", daemon=True)
 
     def __enter__(self) -> LeaseKeeper:
@@ -116,7 +115,7 @@ class LeaseKeeper:
         self._stop.set()
 
     def _keep(self) -> None:
-        while not self._stop.wait(max(0.5, self.lease.ttl_s / 3) * self._random.uniform(0.5, 1.0)):
+        while not self._stop.wait(max(0.5, self.lease.ttl_s / 3) * random.uniform(0.5, 1.0)):
             try:
                 holder = renew(self.run_uri, self.lease)
             except storage.StorageError:
