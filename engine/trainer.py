@@ -12,8 +12,8 @@ from engine.config import TrainConfig, to_dict
 from engine.faults import Faults
 from engine.lease import Lease
 from engine.loop import train_loop_per_worker
-from engine.preemption import SigtermCallback
 from engine.ray_storage import ray_storage
+from engine.sigterm import SigtermCallback
 from pipeline import storage
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,6 +17,14 @@ import pytest
 COCO128 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco128"
 
 
+def pytest_configure(config) -> None:
+    """Ray Train's controller polls its workers every 2 s by default; each poll is where it notices a report,
+    a registered checkpoint, a failure or the end of the attempt. At 0.5 s a tiny test run takes about a
+    quarter less time (20 s to 15 s) and nothing else changes. Every Ray process the suite starts (local
+    clusters, ``ray start`` heads, job drivers) inherits it; a value already set is kept."""
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
