@@ -63,6 +63,14 @@ def submit(address: str, env: dict[str, str], entrypoint: list[str], *options: s
     return done
 
 
+def job_logs(address: str, submission_id: str) -> str:
+    """A job's output so far, through the head's job API in this process: polling with ``ray job logs``
+    started a Python process (about 2 CPU seconds) per look, taken from the job under test."""
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address).get_job_logs(submission_id)
+
+
 def _stop_ours(temp_dir: Path, gcs_port: int) -> None:
     """Ends the head: processes naming its temp dir or its GCS port (the client server), and all their
     descendants (Ray's agents rename themselves and name neither)."""

@@ -17,7 +17,7 @@ import torch
 import torchvision
 
 from tests.engine.test_train import data  # noqa: F401  (fixture)
-from tests.ray_head import RAY, ray_head, submit
+from tests.ray_head import RAY, job_logs, ray_head, submit
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,14 +76,11 @@ def test_submitted_search_stopped_mid_way_resumes(data, weights, tmp_path) -> No
     with ray_head(num_cpus=3) as (address, env):
         first = submit(address, env, args, "--no-wait", "--submission-id", "search-1")
         assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
-        done_before, interrupted = _wait_for_a_finished_and_a_running_trial(search, address, env)
+        done_before, interrupted = _wait_for_a_finished_and_a_running_trial(search, address)
         stop = subprocess.run([RAY, "job", "stop", "--address", address, "search-1"], env=env, capture_output=True,
                               text=True, timeout=120)  # fmt: skip
         assert stop.returncode == 0, stop.stderr[-2000:]
-        logs = subprocess.run(
-            [RAY, "job", "logs", "--address", address, "search-1"], env=env, capture_output=True, text=True
-        )
-        (tmp_path / "first.log").write_text(logs.stdout)
+        (tmp_path / "first.log").write_text(job_logs(address, "search-1"))
         # a trial seen mid-way can still reach its last checkpoint before the stop lands: it then counts as done
         reached_end = {t for t in interrupted if max(_registered(search / "runs" / t), default=0) == MAX_ITERS}
         done_before, interrupted = done_before | reached_end, interrupted - reached_end
@@ -103,11 +100,10 @@ def test_submitted_search_stopped_mid_way_resumes(data, weights, tmp_path) -> No
             assert resumed and all(0 < step < MAX_ITERS for step in resumed), (trial, resumed)
 
 
-def _wait_for_a_finished_and_a_running_trial(search: Path, address: str, env: dict) -> tuple[set, set]:
+def _wait_for_a_finished_and_a_running_trial(search: Path, address: str) -> tuple[set, set]:
     deadline = time.time() + 600
     while time.time() < deadline:
-        logs = subprocess.run([RAY, "job", "logs", "--address", address, "search-1"], env=env, capture_output=True,
-                              text=True, timeout=60).stdout  # fmt: skip
+        logs = job_logs(address, "search-1")
         done = set(re.findall(r"Trial run_trial_(\w+) completed after", logs))
         running = {  # a checkpoint counts once Train has registered it (its folder is written first)
             d.name
