@@ -16,7 +16,7 @@ import ray.train
 from ray.train import CheckpointUploadMode
 
 from engine import checkpoint as ckpt
-from engine import lease, preemption
+from engine import lease, preemption, sigterm
 from engine.checkpointing import CheckpointHook
 from engine.config import TrainConfig, from_dict
 from engine.faults import Faults
@@ -51,7 +51,7 @@ def run_worker(cfg: TrainConfig, rank: int, world_size: int, local_rank: int, lo
     ctx = None
     try:
         watchdog = StallWatchdog(cfg.optim.stall_timeout_s, rank, log_dir)
-        with watchdog, preemption.armed(), _renewing(w, held):
+        with watchdog, sigterm.armed(), _renewing(w, held):
             while w.state.step < cfg.optim.max_iters:
                 ctx = w.train_one_step()
                 run_hooks(hooks, ctx, watchdog)
@@ -80,7 +80,7 @@ def _renewing(w: Worker, held: dict | None):
         return contextlib.nullcontext()
 
     def lost(holder: lease.Lease) -> None:
-        preemption.request_abort(f"another driver took this run over: {holder.describe()}. This one stops here; "
+        sigterm.request_abort(f"another driver took this run over: {holder.describe()}. This one stops here; "
                                  f"its checkpoints stay in {w.run_uri}")  # fmt: skip
 
     return lease.LeaseKeeper(w.run_uri, lease.Lease(**held), lost)

@@ -11,9 +11,6 @@ from __future__ import annotations
 from engine import collectives, sigterm
 from engine.errors import RunStopped
 from engine.hooks import Hook, StepContext
-from engine.sigterm import armed, request, request_abort
-
-__all__ = ["PreemptionHook", "armed", "request", "request_abort"]
 
 
 class PreemptionHook(Hook):
